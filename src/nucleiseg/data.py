@@ -1,0 +1,205 @@
+"""Read and validate the dataset layout (the homework's Drive zip, or the synthetic one).
+
+```
+train/<ID>/images/<ID>.png       RGB image
+train/<ID>/masks/*.png           one mask per nucleus
+test/*.png                       unannotated test images
+test_img_ids.json                [{"file_name", "height", "id", "width"}, ...]
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import NucleisegError
+from .masks import Instance, from_full_mask
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+@dataclass
+class Sample:
+    name: str
+    image: np.ndarray  # H x W x 3 uint8
+    instances: list[Instance]
+
+
+@dataclass
+class TestImage:
+    id: int
+    file_name: str
+    path: Path
+    height: int
+    width: int
+
+    @property
+    def name(self) -> str:
+        return Path(self.file_name).stem
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.floating):
+        top = 1.0 if array.max(initial=0) <= 1.0 else 255.0
+        return np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    # 16-bit (or wider) integers: scale the dtype's range down to 8 bits.
+    top = np.iinfo(array.dtype).max if array.max(initial=0) > 255 else 255
+    return np.clip(array.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _read_array(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise NucleisegError(f"{path}: file not found")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            return np.asarray(tifffile.imread(path))
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == "P":
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                img = img.convert("RGB")
+            return np.asarray(img)
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
+        raise NucleisegError(f"{path}: unreadable or truncated image ({exc}); replace the file") from None
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Any PNG/TIFF/JPEG (RGB, RGBA, gray, 16-bit) as H x W x 3 uint8."""
+    path = Path(path)
+    array = _read_array(path)
+    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[2] not in (3, 4):
+        array = np.moveaxis(array, 0, -1)  # channel-first TIFF
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 2:  # gray + alpha
+        array = np.repeat(array[..., :1], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] >= 4:
+        array = array[..., :3]
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise NucleisegError(f"{path}: unsupported image shape {array.shape}; expected H x W, H x W x 3 or H x W x 4")
+    return np.ascontiguousarray(_to_uint8(array))
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A binary mask: 0/255, 0/1 or anti-aliased (thresholded at half the range)."""
+    path = Path(path)
+    array = _read_array(path)
+    if array.ndim == 3:
+        array = array[..., 0]
+    if array.dtype == bool:
+        return array
+    top = array.max(initial=0)
+    if top <= 1:
+        return array > 0
+    # Like _to_uint8: wide integers holding values <= 255 are 8-bit masks (a 16-bit 0/255 mask is not empty).
+    full = (np.iinfo(array.dtype).max if top > 255 else 255) if np.issubdtype(array.dtype, np.integer) else 1.0
+    return array >= full / 2
+
+
+def train_ids(raw_dir: str | Path) -> list[str]:
+    train_dir = Path(raw_dir) / "train"
+    if not train_dir.is_dir():
+        raise NucleisegError(f"{train_dir}: missing; the dataset needs train/<ID>/images and train/<ID>/masks (run the download stage)")
+    ids = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not ids:
+        raise NucleisegError(f"{train_dir}: no image folders in it")
+    return ids
+
+
+def load_train_sample(raw_dir: str | Path, name: str, workers: int = 4) -> Sample:
+    """One training image and its nuclei; empty masks are skipped with a warning."""
+    folder = Path(raw_dir) / "train" / name
+    images_dir = folder / "images"
+    if not images_dir.is_dir():
+        raise NucleisegError(f"{images_dir}: missing 'images/' folder; each train/<ID>/ needs images/<ID>.png")
+    candidates = [images_dir / f"{name}{suffix}" for suffix in IMAGE_SUFFIXES]
+    image_path = next((p for p in candidates if p.is_file()), None)
+    if image_path is None:
+        raise NucleisegError(f"{images_dir / (name + '.png')}: image not found; put the image there")
+    image = read_rgb(image_path)
+    masks_dir = folder / "masks"
+    mask_paths = sorted(p for p in masks_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if masks_dir.is_dir() else []
+    # Decoding ~1,000 PNGs per image is zlib-bound and releases the GIL: threads help.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        masks = list(pool.map(read_mask, mask_paths))
+    instances, empty = [], 0
+    for path, mask in zip(mask_paths, masks):
+        if mask.shape != image.shape[:2]:
+            raise NucleisegError(
+                f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}; masks must match their image size"
+            )
+        inst = from_full_mask(mask)
+        if inst is None:
+            empty += 1
+        else:
+            inst.extra["file"] = path.name
+            instances.append(inst)
+    if empty:
+        log.warning("%s: skipped %d empty mask(s)", masks_dir, empty)
+    return Sample(name, image, instances)
+
+
+def load_test_index(raw_dir: str | Path) -> list[TestImage]:
+    """The test images with their ids; every test file must be listed exactly once."""
+    raw_dir = Path(raw_dir)
+    ids_path = raw_dir / "test_img_ids.json"
+    if not ids_path.is_file():
+        raise NucleisegError(f"{ids_path}: missing; it maps each test file to its image id")
+    try:
+        entries = json.loads(ids_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise NucleisegError(f"{ids_path}: not valid JSON ({exc})") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"file_name", "id"} <= set(e) for e in entries):
+        raise NucleisegError(f"{ids_path}: expected a list of {{'file_name', 'id', 'height', 'width'}} objects")
+    seen_ids, seen_files, out = set(), set(), []
+    for entry in entries:
+        if entry["id"] in seen_ids:
+            raise NucleisegError(f"{ids_path}: image id {entry['id']} is listed twice; give each test image its own id")
+        if entry["file_name"] in seen_files:
+            raise NucleisegError(f"{ids_path}: file {entry['file_name']} is listed twice")
+        seen_ids.add(entry["id"])
+        seen_files.add(entry["file_name"])
+        path = raw_dir / "test" / entry["file_name"]
+        if not path.is_file():
+            raise NucleisegError(f"{path}: listed in {ids_path.name} but missing from test/")
+        out.append(TestImage(int(entry["id"]), entry["file_name"], path, int(entry.get("height", 0)), int(entry.get("width", 0))))
+    test_dir = raw_dir / "test"
+    if test_dir.is_dir():
+        for path in sorted(test_dir.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.name not in seen_files:
+                raise NucleisegError(f"{path}: test image missing from {ids_path}; add an entry with its id")
+    return out
+
+
+def split_ids(ids: list[str], val_images: int, seed: int) -> dict[str, list[str]]:
+    """Hold out `val_images` whole images (seeded); they never reach training."""
+    if not 0 <= val_images < len(ids):
+        raise NucleisegError(f"params.yaml: data.val_images={val_images} must be between 0 and {len(ids) - 1} (there are {len(ids)} training images)")
+    shuffled = sorted(ids)
+    random.Random(seed).shuffle(shuffled)
+    val = sorted(shuffled[:val_images])
+    return {"train": sorted(set(ids) - set(val)), "val": val}
+
+
+def summarize_instances(samples: list[Sample]) -> dict:
+    counts = [len(s.instances) for s in samples]
+    return {"images": len(samples), "instances": int(sum(counts)), "max_per_image": int(max(counts, default=0))}

@@ -1,0 +1,33 @@
+"""Expected failures: bad input, missing files, no network.
+
+Library code raises `NucleisegError` with a message that names the file and the
+fix; entry points turn it into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+
+class NucleisegError(Exception):
+    """A failure the user can fix; its message is shown as is, without a traceback."""
+
+
+def main_guard(func):
+    """Decorate a `main()`: NucleisegError -> one 'error: ...' line and exit 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return func(*args, **kwargs)
+        except NucleisegError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper

@@ -1,0 +1,228 @@
+"""Model registry: Mask R-CNN with FPN backbones, configured for small, dense nuclei.
+
+`build_model(cfg)` is the one place a ModelConfig becomes a network. COCO Mask
+R-CNN weights exist only for ResNet-50 (v1, v2); other backbones start from
+ImageNet weights. Loading COCO weights keeps the 91-class heads' features and
+replaces the box and mask predictors with 2-class ones (background, nucleus).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, ResNet101_Weights
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection import mask_rcnn as tv_mask_rcnn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+
+from .config import ModelConfig
+from .errors import NucleisegError
+
+log = logging.getLogger(__name__)
+
+NUM_CLASSES = 2  # background, nucleus
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    imagenet: object  # torchvision weights enum for the ResNet trunk
+    coco: object | None = None  # Mask R-CNN COCO weights, where torchvision has them
+    builder: object | None = None  # torchvision Mask R-CNN builder (R50 only)
+
+
+REGISTRY: dict[str, BackboneSpec] = {
+    "resnet50": BackboneSpec(ResNet50_Weights.IMAGENET1K_V1, tv_mask_rcnn.MaskRCNN_ResNet50_FPN_Weights.COCO_V1, tv_mask_rcnn.maskrcnn_resnet50_fpn),
+    "resnet50_v2": BackboneSpec(ResNet50_Weights.IMAGENET1K_V1, tv_mask_rcnn.MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, tv_mask_rcnn.maskrcnn_resnet50_fpn_v2),
+    "resnet101": BackboneSpec(ResNet101_Weights.IMAGENET1K_V1),
+    "resnet34": BackboneSpec(ResNet34_Weights.IMAGENET1K_V1),
+    "resnet18": BackboneSpec(ResNet18_Weights.IMAGENET1K_V1),
+}
+
+WEIGHT_CHOICES = ("auto", "coco", "imagenet", "none")
+
+
+class WindowTransform(GeneralizedRCNNTransform):
+    """Normalises and batches like torchvision, but never rescales unless min_size is set.
+
+    torchvision's default rescales every input so its short side is 800 px: a 512 px
+    window of 8-30 px nuclei would be blown up 1.6x, costing memory and changing scale
+    between training crops and inference windows.
+    """
+
+    def __init__(self, *args, resize: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.enable_resize = resize
+        # False: outputs keep the raw 28x28 mask probabilities (see inference.raw_masks).
+        self.paste_masks = True
+
+    def resize(self, image, target=None):
+        if self.enable_resize:
+            return super().resize(image, target)
+        return image, target
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.training or self.paste_masks:
+            return super().postprocess(result, image_shapes, original_image_sizes)
+        for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
+            pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
+        return result
+
+
+def _resolve_weights(cfg: ModelConfig) -> tuple[object | None, object | None, Path | None]:
+    """(COCO detector weights, ImageNet backbone weights, local file) for cfg.weights."""
+    spec = REGISTRY[cfg.backbone]
+    choice = str(cfg.weights).strip()
+    if choice == "auto":
+        return (spec.coco, None, None) if spec.coco is not None else (None, spec.imagenet, None)
+    if choice == "coco":
+        if spec.coco is None:
+            have = [name for name, s in REGISTRY.items() if s.coco is not None]
+            raise NucleisegError(f"params.yaml: model.weights=coco has no torchvision weights for {cfg.backbone} (only {have}); use 'imagenet' or 'auto'")
+        return spec.coco, None, None
+    if choice == "imagenet":
+        return None, spec.imagenet, None
+    if choice in ("none", "None", "null"):
+        return None, None, None
+    path = Path(os.path.expanduser(choice))
+    if not path.is_file():
+        raise NucleisegError(f"params.yaml: model.weights={choice!r} is neither {list(WEIGHT_CHOICES)} nor an existing file")
+    return None, None, path
+
+
+def ensure_weights_available(weights, endpoint: tuple[str, int] = ("download.pytorch.org", 443), timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the file and where to put it, when weights are neither cached nor downloadable."""
+    if weights is None:
+        return
+    file_name = os.path.basename(urlparse(weights.url).path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    if cached.is_file():
+        return
+    try:
+        with socket.create_connection(endpoint, timeout=timeout):
+            return
+    except OSError:
+        raise NucleisegError(
+            f"pretrained weights {file_name} are not cached and {endpoint[0]} is unreachable; "
+            f"put the file at {cached} (from {weights.url}) or set model.weights=none"
+        ) from None
+
+
+def _common_kwargs(cfg: ModelConfig) -> dict:
+    return dict(
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_score_thresh=cfg.box_score_thresh,
+        box_nms_thresh=cfg.box_nms_thresh,
+        box_detections_per_img=cfg.detections_per_img,
+    )
+
+
+def _set_anchors(model: MaskRCNN, cfg: ModelConfig) -> None:
+    """Small anchors for nuclei. Set after building: the v2 builder rejects an anchor keyword."""
+    levels = len(cfg.anchor_sizes)
+    model.rpn.anchor_generator = AnchorGenerator(tuple((int(s),) for s in cfg.anchor_sizes), (tuple(float(r) for r in cfg.aspect_ratios),) * levels)
+    head = model.rpn.head
+    num_anchors = len(cfg.aspect_ratios)
+    if head.cls_logits.out_channels != num_anchors:
+        in_channels = head.cls_logits.in_channels
+        conv_depth = len(head.conv)
+        model.rpn.head = RPNHead(in_channels, num_anchors, conv_depth=conv_depth)
+
+
+def _set_transform(model: MaskRCNN, cfg: ModelConfig) -> None:
+    old = model.transform
+    resize = cfg.min_size is not None
+    model.transform = WindowTransform(
+        cfg.min_size or 512, cfg.max_size or 100_000, old.image_mean, old.image_std, resize=resize
+    )
+
+
+def build_model(cfg: ModelConfig) -> MaskRCNN:
+    """A 2-class Mask R-CNN for `cfg.backbone`, with weights per `cfg.weights`."""
+    if cfg.backbone not in REGISTRY:
+        raise NucleisegError(f"params.yaml: backbone={cfg.backbone!r} is unknown; choose one of {sorted(REGISTRY)}")
+    if len(cfg.anchor_sizes) != 5:
+        raise NucleisegError(f"params.yaml: model.anchor_sizes needs 5 sizes (one per FPN level), got {cfg.anchor_sizes}")
+    spec = REGISTRY[cfg.backbone]
+    coco_weights, imagenet_weights, local_file = _resolve_weights(cfg)
+    ensure_weights_available(coco_weights)
+    ensure_weights_available(imagenet_weights)
+    kwargs = _common_kwargs(cfg)
+    if spec.builder is not None:
+        model = spec.builder(
+            weights=coco_weights,
+            weights_backbone=imagenet_weights,
+            num_classes=91 if coco_weights is not None else NUM_CLASSES,
+            trainable_backbone_layers=cfg.trainable_backbone_layers if (coco_weights or imagenet_weights) else None,
+            **kwargs,
+        )
+    else:
+        backbone = resnet_fpn_backbone(
+            backbone_name=cfg.backbone,
+            weights=imagenet_weights,
+            trainable_layers=cfg.trainable_backbone_layers if imagenet_weights is not None else 5,
+        )
+        model = MaskRCNN(backbone, num_classes=NUM_CLASSES, **kwargs)
+    if coco_weights is not None:
+        box_in = model.roi_heads.box_predictor.cls_score.in_features
+        model.roi_heads.box_predictor = FastRCNNPredictor(box_in, NUM_CLASSES)
+        mask_in = model.roi_heads.mask_predictor.conv5_mask.in_channels
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_in, 256, NUM_CLASSES)
+    _set_anchors(model, cfg)
+    _set_transform(model, cfg)
+    if local_file is not None:
+        load_weights_file(model, local_file)
+    return model
+
+
+def load_weights_file(model: MaskRCNN, path: Path) -> None:
+    """Weights from a file: a checkpoint dict ('model' key) or a bare state dict; heads of other shapes are skipped."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise NucleisegError(f"{path}: cannot load weights ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise NucleisegError(f"{path}: not a state dict or a checkpoint with a 'model' entry")
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise NucleisegError(f"{path}: no tensor matches this {type(model).__name__}; is it a Mask R-CNN checkpoint of the same backbone?")
+    skipped = sorted(set(state) - set(usable))
+    if skipped:
+        log.warning("%s: %d tensors of other shapes or names skipped (e.g. %s)", path, len(skipped), skipped[:3])
+    model.load_state_dict(usable, strict=False)
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[MaskRCNN, dict]:
+    """The model saved by the train stage (weights + the config it was built with), in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise NucleisegError(f"{path}: no trained model; run the train stage first (dvc repro train)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise NucleisegError(f"{path}: cannot load ({type(exc).__name__}: {exc}); re-run the train stage") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise NucleisegError(f"{path}: not a nucleiseg model file (needs 'model' and 'model_config')")
+    cfg = ModelConfig(**{**ckpt["model_config"], "weights": "none"})
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return model, ckpt

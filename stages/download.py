@@ -1,0 +1,18 @@
+"""DVC stage `download`: data.source -> data/raw/ (Drive zip, local zip/folder, or synthetic)."""
+
+from nucleiseg.config import load_params
+from nucleiseg.download import fetch_dataset
+from nucleiseg.errors import main_guard
+
+
+@main_guard
+def main() -> None:
+    params = load_params()
+    data = params.get("data") or {}
+    synthetic = dict(data.get("synthetic") or {})
+    synthetic.setdefault("seed", params.get("seed", 0))
+    fetch_dataset(data.get("source", "synthetic"), "data/raw", sha256=data.get("sha256"), synthetic_options=synthetic)
+
+
+if __name__ == "__main__":
+    main()
