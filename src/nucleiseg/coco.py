@@ -21,7 +21,7 @@ class ImageRecord:
 def ground_truth(images: list[ImageRecord], extra_image_fields: dict[int, dict] | None = None) -> dict:
     """A COCO instances document: one annotation per instance, `iscrowd` 0, RLE masks."""
     extra_image_fields = extra_image_fields or {}
-    doc = {"images": [], "annotations": [], "categories": [CATEGORY]}
+    doc = {"info": {"description": "nucleiseg"}, "images": [], "annotations": [], "categories": [CATEGORY]}
     ann_id = 1
     for image in images:
         doc["images"].append(
@@ -53,6 +53,7 @@ def results(image_id: int, instances: list[Instance], height: int, width: int) -
             "bbox": bbox_xywh(inst),
             "score": float(inst.score),
             "segmentation": to_rle(inst, height, width),
+            **{k: v for k, v in inst.extra.items() if isinstance(v, (int, float))},
         }
         for inst in ordered
     ]

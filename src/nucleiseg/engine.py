@@ -215,9 +215,7 @@ def fit(
     """
     dist = dist or DistInfo()
     model.to(device)
-    train_model = model
     if dist.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
     else:
         sampler = None
@@ -238,6 +236,10 @@ def fit(
         _set_rng_state(ckpt["rng"])
         start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
         log.info("resuming from %s at epoch %d", checkpoint_path, start_epoch)
+    # Wrapped after resuming: every rank loads the checkpoint, so all start from the same weights and epoch.
+    train_model = model
+    if dist.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         seed_everything(seed * 1000 + epoch)

@@ -77,7 +77,7 @@ def detections_to_instances(
         score = float(scores[i])
         if score_mode == "mask_weighted":
             score *= float(prob.numpy()[binary].mean())
-        inst = Instance(binary, cx0, cy0, score).tight()
+        inst = Instance(binary, cx0, cy0, score, {"detector_score": float(scores[i])}).tight()
         if inst is not None:
             out.append(inst.shifted(*offset))
     return out

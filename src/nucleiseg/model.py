@@ -25,6 +25,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .config import ModelConfig
 from .errors import NucleisegError
@@ -175,6 +176,8 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         backbone = resnet_fpn_backbone(
             backbone_name=cfg.backbone,
             weights=imagenet_weights,
+            # Like torchvision's R50 builder: frozen BN only over pretrained statistics (identity stats blow up from scratch).
+            norm_layer=FrozenBatchNorm2d if imagenet_weights is not None else torch.nn.BatchNorm2d,
             trainable_layers=cfg.trainable_backbone_layers if imagenet_weights is not None else 5,
         )
         model = MaskRCNN(backbone, num_classes=NUM_CLASSES, **kwargs)

@@ -110,7 +110,7 @@ def run_training(params: dict, tiles_dir: Path = Path("data/tiles"), split_file:
         resumed_run = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("config", {}).get("mlflow_run_id")
 
     if not dist.is_main:
-        fit(model, train_set, val_set, tcfg, device, seed, None, dist=dist, show_progress=False)
+        fit(model, train_set, val_set, tcfg, device, seed, ckpt_path, dist=dist, show_progress=False)  # reads only; rank 0 writes
         return {}
 
     import mlflow

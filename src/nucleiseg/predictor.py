@@ -1,0 +1,82 @@
+"""Whole-image prediction: sliding windows, optional flip TTA, seam-free stitching.
+
+The infer stage and `nucleiseg predict` both go through `Predictor.predict`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import InferConfig
+from .inference import detections_to_instances, predict_batch, to_tensor
+from .masks import Instance
+from .stitch import deduplicate, merge_windows
+from .tiling import Window, crop_window, windows
+
+# Flips as (horizontal, vertical); TTA runs all four and merges them by mask NMS.
+TTA_FLIPS = [(False, False), (True, False), (False, True), (True, True)]
+
+
+def _unflip(inst: Instance, hflip: bool, vflip: bool, size: int) -> Instance:
+    mask = inst.mask
+    x0, y0 = inst.x0, inst.y0
+    if hflip:
+        mask, x0 = mask[:, ::-1], size - inst.x1
+    if vflip:
+        mask, y0 = mask[::-1, :], size - inst.y1
+    return Instance(np.ascontiguousarray(mask), x0, y0, inst.score, dict(inst.extra))
+
+
+class Predictor:
+    def __init__(self, model: torch.nn.Module, cfg: InferConfig, device: torch.device | str = "cpu"):
+        self.model = model.eval().to(device)
+        self.cfg = cfg
+        self.device = torch.device(device)
+        # The detector's own threshold is the first filter; mask-weighted scores are computed after.
+        self.model.roi_heads.score_thresh = cfg.score_threshold
+
+    def _to_instances(self, output: dict, size: int, offset=(0, 0)) -> list[Instance]:
+        cfg = self.cfg
+        return detections_to_instances(output, size, size, cfg.mask_threshold, cfg.score, cfg.min_area, cfg.fill_holes, offset)
+
+    def _predict_windows(self, crops: list[np.ndarray], size: int) -> list[list[Instance]]:
+        """Instances per window crop, in window coordinates."""
+        flips = TTA_FLIPS if self.cfg.tta else TTA_FLIPS[:1]
+        per_crop: list[list[Instance]] = [[] for _ in crops]
+        for hflip, vflip in flips:
+            tensors = []
+            for crop in crops:
+                tensor = to_tensor(crop)
+                if hflip:
+                    tensor = tensor.flip(-1)
+                if vflip:
+                    tensor = tensor.flip(-2)
+                tensors.append(tensor)
+            for start in range(0, len(tensors), self.cfg.batch_size):
+                outputs = predict_batch(self.model, tensors[start : start + self.cfg.batch_size], self.device)
+                for k, output in enumerate(outputs):
+                    found = self._to_instances(output, size)
+                    per_crop[start + k] += [_unflip(inst, hflip, vflip, size) for inst in found]
+        if self.cfg.tta:
+            per_crop = [deduplicate(found, self.cfg.dedup_iou, self.cfg.dedup_ios) for found in per_crop]
+        return per_crop
+
+    def predict(self, image: np.ndarray) -> list[Instance]:
+        """Instances of a whole H x W x 3 uint8 image, best score first."""
+        height, width = image.shape[:2]
+        if self.cfg.whole_image:
+            size = max(height, width)
+            window = Window(0, 0, size)
+            (found,) = self._predict_windows([crop_window(image, window)], size)
+            found = [inst.clip(0, 0, width, height) for inst in found]
+            return deduplicate([i for i in found if i is not None], self.cfg.dedup_iou, self.cfg.dedup_ios)
+        size, overlap = self.cfg.window, self.cfg.overlap
+        tiles = windows(height, width, size, overlap)
+        found = self._predict_windows([crop_window(image, w) for w in tiles], size)
+        per_window = []
+        for window, instances in zip(tiles, found):
+            # Padding (image smaller than the window) holds no nuclei: clip to the image.
+            clipped = [inst.clip(0, 0, min(size, width - window.x0), min(size, height - window.y0)) for inst in instances]
+            per_window.append((window, [inst.shifted(window.x0, window.y0) for inst in clipped if inst is not None]))
+        return merge_windows(per_window, height, width, size, overlap, self.cfg.dedup_iou, self.cfg.dedup_ios)

@@ -1,0 +1,197 @@
+"""Model registry: every backbone builds and runs, nuclei-sized settings hold, weights fail fast offline, raw masks."""
+
+import time
+
+import pytest
+import torch
+
+import nucleiseg.model as model_mod
+from nucleiseg.config import ModelConfig
+from nucleiseg.errors import NucleisegError
+from nucleiseg.inference import detections_to_instances, raw_masks
+from nucleiseg.model import REGISTRY, WindowTransform, build_model
+
+torch.set_num_threads(2)
+
+SMALL = dict(
+    rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=200, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=200,
+    box_batch_size_per_image=64, detections_per_img=20,  # the mask head costs ~25 ms per detection on CPU
+)
+
+
+def small_cfg(backbone: str = "resnet18", **overrides) -> ModelConfig:
+    return ModelConfig(backbone=backbone, **{"weights": "none", **SMALL, **overrides})
+
+
+def one_nucleus_target(size: int = 64) -> dict:
+    masks = torch.zeros(1, size, size, dtype=torch.uint8)
+    masks[0, 12:30, 14:28] = 1
+    return {"boxes": torch.tensor([[14.0, 12.0, 28.0, 30.0]]), "labels": torch.tensor([1]), "masks": masks}
+
+
+@pytest.fixture(scope="module")
+def r18():
+    torch.manual_seed(0)
+    return build_model(small_cfg("resnet18")).eval()
+
+
+def test_registry_lists_the_documented_backbones():
+    assert set(REGISTRY) == {"resnet18", "resnet34", "resnet50", "resnet50_v2", "resnet101"}
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        "resnet18",
+        "resnet34",
+        pytest.param("resnet50", marks=pytest.mark.slow),
+        pytest.param("resnet50_v2", marks=pytest.mark.slow),
+        pytest.param("resnet101", marks=pytest.mark.slow),
+    ],
+)
+def test_every_backbone_builds_and_runs(backbone):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(backbone))
+    image = torch.rand(3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([image])
+    assert set(out) >= {"boxes", "labels", "scores", "masks"}
+    assert out["masks"].shape[1:] == (1, 64, 64)
+    assert out["boxes"].shape[0] <= SMALL["detections_per_img"]
+    model.train()
+    losses = model([image], [one_nucleus_target()])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_from_scratch_backbones_use_trainable_batchnorm():
+    """Frozen BN with identity statistics (torchvision's resnet_fpn_backbone default) blows activations up from scratch."""
+    model = build_model(small_cfg("resnet18"))
+    body = model.backbone.body
+    assert isinstance(body.bn1, torch.nn.BatchNorm2d)
+    assert all(p.requires_grad for p in body.parameters())
+
+
+def test_nuclei_settings(r18):
+    cfg = small_cfg("resnet18", anchor_sizes=[4, 8, 16, 32, 64], detections_per_img=37)
+    model = build_model(cfg).eval()
+    assert model.rpn.anchor_generator.sizes == ((4,), (8,), (16,), (32,), (64,))
+    assert model.rpn.anchor_generator.aspect_ratios == ((0.5, 1.0, 2.0),) * 5
+    assert model.rpn.head.cls_logits.out_channels == 3
+    assert model.roi_heads.detections_per_img == 37
+    assert model.roi_heads.nms_thresh == pytest.approx(0.3)
+    assert ModelConfig().anchor_sizes == [8, 16, 32, 64, 128]
+
+    # No resize: a 100x100 input stays 100x100 (only padded to a multiple of 32 for the batch).
+    assert isinstance(r18.transform, WindowTransform)
+    image = torch.rand(3, 100, 100)
+    images, _ = r18.transform([image])
+    assert images.image_sizes == [(100, 100)]
+    assert images.tensors.shape[-2:] == (128, 128)
+    with torch.no_grad():
+        (out,) = r18([image])
+    boxes = out["boxes"]
+    assert out["masks"].shape[-2:] == (100, 100)
+    if boxes.numel():
+        assert boxes.min() >= 0 and boxes[:, 2].max() <= 100 and boxes[:, 3].max() <= 100
+
+    # min_size set: resizing is back on.
+    resized = build_model(small_cfg("resnet18", min_size=200, max_size=400)).eval()
+    images, _ = resized.transform([image])
+    assert images.image_sizes == [(200, 200)]
+
+
+def test_anchor_sizes_need_five_levels():
+    with pytest.raises(NucleisegError, match="5 sizes"):
+        build_model(small_cfg("resnet18", anchor_sizes=[8, 16, 32]))
+
+
+@pytest.mark.parametrize("backbone, weights", [("resnet50", "coco"), ("resnet18", "auto"), ("resnet34", "imagenet")])
+def test_offline_weights_fail_fast_and_say_where_to_put_them(backbone, weights, monkeypatch, tmp_path):
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(model_mod.socket, "create_connection", offline)
+    started = time.perf_counter()
+    with pytest.raises(NucleisegError) as info:
+        build_model(ModelConfig(backbone=backbone, weights=weights))
+    assert time.perf_counter() - started < 5
+    message = str(info.value)
+    file_name = {"resnet50": "maskrcnn_resnet50_fpn_coco", "resnet18": "resnet18-", "resnet34": "resnet34-"}[backbone]
+    assert file_name in message and ".pth" in message
+    assert "hub/checkpoints" in message
+    assert "model.weights=none" in message
+
+
+def test_bad_weights_and_backbone_choices(tmp_path):
+    with pytest.raises(NucleisegError, match="coco"):
+        build_model(ModelConfig(backbone="resnet101", weights="coco"))
+    with pytest.raises(NucleisegError, match="/no/such/file"):
+        build_model(ModelConfig(backbone="resnet18", weights="/no/such/file"))
+    with pytest.raises(NucleisegError, match="resnet152"):
+        build_model(ModelConfig(backbone="resnet152", weights="none"))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(NucleisegError, match="cannot load"):
+        build_model(small_cfg("resnet18", weights=str(junk)))
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["state_dict", "checkpoint"])
+def test_weights_from_a_local_file(r18, tmp_path, wrapped):
+    path = tmp_path / "weights.pth"
+    state = r18.state_dict()
+    torch.save({"model": state, "epoch": 3} if wrapped else state, path)
+    torch.manual_seed(123)  # a different init: every tensor must come from the file
+    loaded = build_model(small_cfg("resnet18", weights=str(path))).state_dict()
+    assert loaded.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_raw_masks_give_28x28_masks_and_instances_inside_the_image(r18):
+    torch.manual_seed(0)
+    image = torch.rand(3, 80, 96)
+    model = build_model(small_cfg("resnet18", box_score_thresh=0.0)).eval()
+    with torch.no_grad(), raw_masks(model):
+        (out,) = model([image])
+    assert model.transform.paste_masks  # restored on exit
+    assert out["boxes"].shape[0] > 0
+    assert out["masks"].shape[1:] == (1, 28, 28)
+    instances = detections_to_instances(out, 80, 96, mask_threshold=0.3)
+    for inst in instances:
+        assert 0 <= inst.x0 < inst.x1 <= 96 and 0 <= inst.y0 < inst.y1 <= 80
+        assert inst.mask.any()
+    with torch.no_grad():
+        (pasted,) = model([image])
+    assert pasted["masks"].shape[1:] == (1, 80, 96)
+
+
+def test_hand_made_detection_becomes_one_instance():
+    detection = {
+        "boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]),
+        "scores": torch.tensor([0.8]),
+        "labels": torch.tensor([1]),
+        "masks": torch.ones(1, 1, 28, 28),
+    }
+    (inst,) = detections_to_instances(detection, 64, 64, score_mode="detector")
+    assert inst.score == pytest.approx(0.8)
+    assert abs(inst.x0 - 10) <= 1 and abs(inst.y0 - 10) <= 1
+    assert abs(inst.x1 - 30) <= 2 and abs(inst.y1 - 30) <= 2
+    assert inst.area >= 0.9 * 20 * 20
+    (weighted,) = detections_to_instances(detection, 64, 64, score_mode="mask_weighted")
+    assert weighted.score <= 0.8 + 1e-6
+    (shifted,) = detections_to_instances(detection, 64, 64, score_mode="detector", offset=(100, 200))
+    assert (shifted.x0, shifted.y0) == (inst.x0 + 100, inst.y0 + 200)
+    # Clipped at the image edge: a box running past a 20x20 image stays inside it.
+    (clipped,) = detections_to_instances(detection, 20, 20, score_mode="detector")
+    assert clipped.x1 <= 20 and clipped.y1 <= 20
+    with pytest.raises(ValueError):
+        detections_to_instances(detection, 64, 64, score_mode="bogus")
