@@ -117,7 +117,7 @@ def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, sca
         with torch.autocast(device_type=device.type, enabled=scaler is not None):
             losses = model(images, targets)
         loss = sum(losses.values())
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
             raise NucleisegError(f"non-finite loss at epoch {epoch} step {steps} ({detail}); lower train.lr or raise train.warmup_iters")
         optimizer.zero_grad(set_to_none=True)

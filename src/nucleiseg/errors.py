@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 
 
@@ -21,13 +22,16 @@ def main_guard(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        # `dvc exp remove`/`kill` and job schedulers send SIGTERM: unwind like Ctrl-C so that
+        # context managers run (the MLflow run is marked FAILED, temp outputs are removed).
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             return func(*args, **kwargs)
         except NucleisegError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
+            print("error: interrupted; run the stage again to resume", file=sys.stderr)
             sys.exit(130)
 
     return wrapper
