@@ -1,0 +1,206 @@
+"""MLflow side: the results table from the store's runs, and the store as `mlflow ui` serves it (REST API)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nucleiseg import tracking
+from nucleiseg.cli import main as cli_main
+from nucleiseg.errors import NucleisegError
+from nucleiseg.report import format_duration, write_report
+
+RUNS = {
+    # name: (backbone, weights, epochs, metrics)
+    "exp-r101": ("resnet101", "imagenet", 40, {"val/ap50": 0.2346, "val/ap50_all": 0.61, "val/f1": 0.7, "val/aji": 0.55, "val/pq": 0.5,
+                                                "train/best_epoch": 31, "train/train_seconds": 3725.0}),
+    "exp-r50": ("resnet50", "coco", 80, {"val/ap50": 0.2512, "val/ap50_all": 0.7, "val/f1": 0.8, "val/aji": 0.6, "val/pq": 0.65,
+                                          "train/best_epoch": 77, "train/train_seconds": 754.0}),
+}
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh project store under tmp_path/mlruns, as the stages make it (DVC_ROOT = tmp_path)."""
+    import mlflow
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield tmp_path
+    # configure() -> set_tracking_uri exported MLFLOW_TRACKING_URI into this process: undo it for later tests.
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def log_runs(with_artifacts: bool, tmp_path: Path) -> dict[str, str]:
+    """The runs the train + evaluate stages would leave (tiny artifacts); returns {name: run_id}."""
+    import mlflow
+
+    ids = {}
+    for name, (backbone, weights, epochs, metrics) in RUNS.items():
+        with tracking.active_run(name=name, tags={"backbone": backbone}) as run:
+            tracking.log_params({"backbone": backbone, "model.weights": weights, "train.epochs": epochs})
+            mlflow.log_metrics(metrics)
+            if with_artifacts:
+                import torch
+
+                tracking.log_model(torch.nn.Linear(2, 1))  # the real Mask R-CNN is 120+ MB
+                overlay = tmp_path / "overlay.png"
+                Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(overlay)
+                mlflow.log_artifact(str(overlay), artifact_path="overlays")
+                weights_file = tmp_path / "model.pt"
+                weights_file.write_bytes(b"weights")
+                mlflow.log_artifact(str(weights_file), artifact_path="weights")
+            ids[name] = run.info.run_id
+    return ids
+
+
+def test_report_table_from_runs(store, capsys, monkeypatch):
+    import mlflow
+
+    ids = log_runs(False, store)
+    # Not in the table: a failed run, and a finished run never evaluated (no val/ap50).
+    with pytest.raises(RuntimeError):
+        with tracking.active_run(name="crashed", tags={"backbone": "resnet50"}):
+            mlflow.log_metrics({"val/ap50": 0.9})
+            raise RuntimeError("boom")
+    with tracking.active_run(name="not-evaluated", tags={"backbone": "resnet18"}):
+        mlflow.log_metrics({"train/best_epoch": 3})
+
+    monkeypatch.chdir(store)
+    assert cli_main(["report"]) == 0  # default --out: reports/results.md
+    text = (store / "reports/results.md").read_text()
+    assert capsys.readouterr().out == text
+    assert [p.name for p in (store / "reports").iterdir()] == ["results.md"]  # no temp files left
+    assert "R50 **0.206**" in text and "R101 **0.142**" in text
+    rows = [line for line in text.splitlines() if line.startswith("| exp-") or line.startswith("| crashed") or line.startswith("| not-")]
+    assert len(rows) == 2
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert cells[0][:11] == ["exp-r50", f"`{ids['exp-r50'][:8]}`", "resnet50", "coco", "80", "77", "0.251", "0.700", "0.800", "0.600", "0.650"]
+    assert cells[1][:11] == ["exp-r101", f"`{ids['exp-r101'][:8]}`", "resnet101", "imagenet", "40", "31", "0.235", "0.610", "0.700", "0.550", "0.500"]
+    assert (cells[0][11], cells[1][11]) == ("12m 34s", "1h 02m")
+    assert all(len(c[12]) == len("2026-01-01 12:00") for c in cells)
+
+
+def test_report_without_runs_is_a_clear_error(store, tmp_path):
+    with pytest.raises(NucleisegError, match="no MLflow store yet"):
+        write_report(tmp_path / "out.md")
+    tracking.configure()
+    with pytest.raises(NucleisegError, match="no finished run with val/ap50"):
+        write_report(tmp_path / "out.md")
+    assert not (tmp_path / "out.md").exists()
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (None, 0, 42.4, 754, 3725)] == ["", "0s", "42s", "12m 34s", "1h 02m"]
+
+
+# ---------------------------------------------------------------------------------------------- mlflow ui
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str, body: dict | None = None, timeout: float = 30):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_mlflow_ui_serves_the_project_store(store):
+    """The README's command, run in the repo root, shows both backbones' runs with params, metrics and artifacts."""
+    ids = log_runs(True, store)
+    port = free_port()
+    # The README's command (+ port, one worker; no background job runner, which it does not need).
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", "sqlite:///mlruns/mlflow.db", "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log_file = open(store / "server.log", "wb")
+    server = subprocess.Popen(cmd, cwd=store, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    pgid = os.getpgid(server.pid)
+    base = f"http://127.0.0.1:{port}"
+    api = f"{base}/api/2.0/mlflow"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow ui did not come up: {(store / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+
+        experiment = get_json(f"{api}/experiments/get-by-name?experiment_name={tracking.EXPERIMENT}")["experiment"]
+        assert experiment["artifact_location"] == (store / "mlruns" / "artifacts").as_uri()
+        runs = get_json(f"{api}/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+        by_backbone = {}
+        for run in runs:
+            tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+            by_backbone[tags["backbone"]] = run
+        assert set(by_backbone) == {"resnet50", "resnet101"}
+        for name, (backbone, weights, epochs, metrics) in RUNS.items():
+            run = by_backbone[backbone]
+            assert run["info"]["run_id"] == ids[name] and run["info"]["status"] == "FINISHED"
+            params = {p["key"]: p["value"] for p in run["data"]["params"]}
+            assert params["model.weights"] == weights and params["train.epochs"] == str(epochs)
+            logged = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+            assert logged["val/ap50"] == pytest.approx(metrics["val/ap50"])
+            run_id = ids[name]
+            files = get_json(f"{api}/artifacts/list?run_id={run_id}")["files"]
+            assert {"overlays", "weights"} <= {f["path"] for f in files}
+            overlays = get_json(f"{api}/artifacts/list?run_id={run_id}&path=overlays")["files"]
+            assert [f["path"] for f in overlays] == ["overlays/overlay.png"]
+            # MLflow 3: the logged model is its own entity (not under the run's artifacts), linked as a run output.
+            model_ids = [o["model_id"] for o in run["outputs"]["model_outputs"]]
+            assert len(model_ids) == 1
+            model = get_json(f"{api}/logged-models/{model_ids[0]}")["model"]["info"]
+            assert model["name"] == "model" and model["source_run_id"] == run_id and model["status"] == "LOGGED_MODEL_READY"
+            model_files = get_json(f"{api}/logged-models/{model_ids[0]}/artifacts/directories?{urllib.parse.urlencode({'artifact_directory_path': ''})}")
+            assert "MLmodel" in {f["path"] for f in model_files["files"]}
+        found = get_json(f"{api}/logged-models/search", {"experiment_ids": [experiment["experiment_id"]]})["models"]
+        assert {m["info"]["source_run_id"] for m in found} == set(ids.values())
+        with urllib.request.urlopen(f"{base}/", timeout=30) as response:
+            assert response.status == 200 and b"<html" in response.read().lower()
+    finally:
+        if group_alive(pgid):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            server.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+            time.sleep(1)
+        log_file.close()
+    assert not group_alive(pgid), "mlflow ui left processes behind"
