@@ -45,16 +45,17 @@ class Predictor:
         flips = TTA_FLIPS if self.cfg.tta else TTA_FLIPS[:1]
         per_crop: list[list[Instance]] = [[] for _ in crops]
         for hflip, vflip in flips:
-            tensors = []
-            for crop in crops:
-                tensor = to_tensor(crop)
-                if hflip:
-                    tensor = tensor.flip(-1)
-                if vflip:
-                    tensor = tensor.flip(-2)
-                tensors.append(tensor)
-            for start in range(0, len(tensors), self.cfg.batch_size):
-                outputs = predict_batch(self.model, tensors[start : start + self.cfg.batch_size], self.device)
+            # Float tensors one batch at a time: all windows at once would cost ~14x the uint8 image.
+            for start in range(0, len(crops), self.cfg.batch_size):
+                tensors = []
+                for crop in crops[start : start + self.cfg.batch_size]:
+                    tensor = to_tensor(crop)
+                    if hflip:
+                        tensor = tensor.flip(-1)
+                    if vflip:
+                        tensor = tensor.flip(-2)
+                    tensors.append(tensor)
+                outputs = predict_batch(self.model, tensors, self.device)
                 for k, output in enumerate(outputs):
                     found = self._to_instances(output, size)
                     per_crop[start + k] += [_unflip(inst, hflip, vflip, size) for inst in found]
