@@ -19,7 +19,7 @@ from .errors import NucleisegError
 @dataclass
 class TileConfig:
     size: int = 512
-    overlap: int = 128
+    overlap: int = 192
     min_visible: float = 0.3
 
 
@@ -76,7 +76,7 @@ class TrainConfig:
 @dataclass
 class InferConfig:
     window: int = 512
-    overlap: int = 128
+    overlap: int = 192
     batch_size: int = 2
     score_threshold: float = 0.05
     mask_threshold: float = 0.5
