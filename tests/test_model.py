@@ -156,7 +156,7 @@ def test_weights_from_a_local_file(r18, tmp_path, wrapped):
         assert torch.equal(loaded[key], value), key
 
 
-def test_raw_masks_give_28x28_masks_and_instances_inside_the_image(r18):
+def test_raw_masks_give_28x28_masks_and_instances_inside_the_image():
     torch.manual_seed(0)
     image = torch.rand(3, 80, 96)
     model = build_model(small_cfg("resnet18", box_score_thresh=0.0)).eval()
