@@ -98,7 +98,7 @@ class TileDataset(torch.utils.data.Dataset):
 
     def _load(self, index: int):
         info = self.images[index]
-        image = np.asarray(Image.open(self.tiles_dir / info["file_name"]).convert("RGB"))
+        image = np.array(Image.open(self.tiles_dir / info["file_name"]).convert("RGB"))
         anns = self.annotations[info["id"]]
         if anns:
             rles = [{"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode("ascii")} for a in anns]

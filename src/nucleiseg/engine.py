@@ -136,8 +136,8 @@ def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, sca
         scheduler.step()
         steps += 1
         for k, v in losses.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-        totals["loss"] = totals.get("loss", 0.0) + float(loss)
+            totals[k] = totals.get(k, 0.0) + float(v.detach())
+        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
         bar.set_postfix(loss=f"{totals['loss'] / steps:.3f}")
     return {k: v / max(steps, 1) for k, v in totals.items()}
 
