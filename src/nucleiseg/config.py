@@ -135,10 +135,6 @@ def infer_config(params: dict) -> InferConfig:
     return _build(InferConfig, params.get("infer"), "infer")
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
     """{'train': {'lr': 1}} -> {'train.lr': 1}, for MLflow params."""
     flat = {}

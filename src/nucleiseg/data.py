@@ -198,8 +198,3 @@ def split_ids(ids: list[str], val_images: int, seed: int) -> dict[str, list[str]
     random.Random(seed).shuffle(shuffled)
     val = sorted(shuffled[:val_images])
     return {"train": sorted(set(ids) - set(val)), "val": val}
-
-
-def summarize_instances(samples: list[Sample]) -> dict:
-    counts = [len(s.instances) for s in samples]
-    return {"images": len(samples), "instances": int(sum(counts)), "max_per_image": int(max(counts, default=0))}

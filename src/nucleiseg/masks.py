@@ -98,19 +98,6 @@ def paste(instances: list[Instance], height: int, width: int) -> np.ndarray:
     return labels
 
 
-def from_label_image(labels: np.ndarray) -> list[Instance]:
-    """Instances of a label image, in label order (0 is background)."""
-    from scipy import ndimage
-
-    out = []
-    for value, slc in enumerate(ndimage.find_objects(labels.astype(np.int64)), start=1):
-        if slc is None:
-            continue
-        crop = labels[slc] == value
-        out.append(Instance(crop, slc[1].start, slc[0].start))
-    return out
-
-
 def _run_lengths(flat: np.ndarray) -> np.ndarray:
     """COCO run lengths of a flat boolean vector (first run counts zeros)."""
     n = flat.size
