@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from nucleiseg import coco
 from nucleiseg.config import infer_config, load_params, train_config
-from nucleiseg.data import load_test_index, read_rgb
+from nucleiseg.data import load_test_index, read_rgb, train_image_path
 from nucleiseg.engine import resolve_device
 from nucleiseg.errors import main_guard
 from nucleiseg.evaluation import val_image_ids
@@ -35,7 +35,7 @@ def main() -> None:
     model, _ = load_trained("models/model.pt", device)
     predictor = Predictor(model, infer_config(params), device)
     val_names = read_json("data/split.json")["val"]
-    val_items = [(image_id, f"data/raw/train/{name}/images/{name}.png") for name, image_id in val_image_ids(val_names).items()]
+    val_items = [(image_id, train_image_path("data/raw", name)) for name, image_id in val_image_ids(val_names).items()]
     test_items = [(img.id, img.path) for img in load_test_index("data/raw")]
     with atomic_path("predictions") as out:
         out.mkdir()

@@ -4,7 +4,7 @@ import logging
 
 from nucleiseg.config import load_params, tile_config
 from nucleiseg.data import load_train_sample, split_ids, train_ids
-from nucleiseg.errors import main_guard
+from nucleiseg.errors import NucleisegError, main_guard
 from nucleiseg.io import atomic_path, write_json
 from nucleiseg.tiling import tile_split
 
@@ -16,7 +16,10 @@ def main() -> None:
     params = load_params()
     cfg = tile_config(params)
     ids = train_ids("data/raw")
-    split = split_ids(ids, int((params.get("data") or {}).get("val_images", 4)), int(params.get("seed", 0)))
+    val_images = int((params.get("data") or {}).get("val_images", 4))
+    if val_images < 1:
+        raise NucleisegError("params.yaml: data.val_images must be >= 1: validation and the evaluate stage score the held-out images")
+    split = split_ids(ids, val_images, int(params.get("seed", 0)))
     with atomic_path("data/tiles") as tiles_dir:
         summary = {}
         for name, names in split.items():

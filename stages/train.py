@@ -6,6 +6,8 @@ With train.gpus > 1 the stage relaunches itself under torchrun (one process per 
 import os
 import sys
 
+import torch
+
 from nucleiseg.config import load_params, train_config
 from nucleiseg.errors import main_guard
 from nucleiseg.training import run_training
@@ -18,7 +20,11 @@ def main() -> None:
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", __file__]
         os.execv(sys.executable, torchrun)
-    run_training(params)
+    try:
+        run_training(params)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -387,3 +387,19 @@ def test_split_ids_seed_changes_split():
 def test_split_ids_refuses(val_images):
     with pytest.raises(NucleisegError, match="val_images"):
         split_ids(IDS, val_images, seed=0)
+
+
+def test_read_mask_float_thresholds_at_half(tmp_path):
+    import tifffile
+
+    values = np.array([[0.0, 0.3, 0.49], [0.5, 0.7, 1.0]], dtype=np.float32)
+    tifffile.imwrite(tmp_path / "m.tif", values)
+    assert read_mask(tmp_path / "m.tif").tolist() == [[False, False, False], [True, True, True]]
+
+
+def test_train_image_path_finds_tiff_images(tmp_path):
+    from nucleiseg.data import train_image_path
+
+    (tmp_path / "train" / "a" / "images").mkdir(parents=True)
+    (tmp_path / "train" / "a" / "images" / "a.tif").write_bytes(b"x")
+    assert train_image_path(tmp_path, "a").name == "a.tif"

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nucleiseg.synthetic import generate_dataset
+
 REPO = Path(__file__).resolve().parents[1]
 # Prefer the dvc installed beside this Python (a pyenv shim needs the real HOME to resolve).
 _LOCAL_DVC = Path(sys.executable).parent / "dvc"
@@ -93,3 +95,22 @@ def test_dvc_repro_tile(repo):
 
     status = _run([DVC, "status", "--with-deps", "tile"], work, env)
     assert "up to date" in status.stdout.lower(), status.stdout
+
+
+def _stage(tmp_path, name, params):
+    import yaml
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return subprocess.run([sys.executable, str(REPO / "stages" / f"{name}.py")], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
+
+
+def test_stage_param_errors_are_one_line(tmp_path):
+    """An unknown data.synthetic key and data.val_images=0 stop with one 'error:' line, exit 2."""
+    bad_key = _stage(tmp_path, "download", {"data": {"source": "synthetic", "synthetic": {"n_trian": 3}}})
+    assert bad_key.returncode == 2 and bad_key.stderr.strip().startswith("error:") and "n_trian" in bad_key.stderr
+    assert "Traceback" not in bad_key.stderr
+    generate_dataset(tmp_path / "data" / "raw", n_train=2, n_test=1, size=64)
+    no_val = _stage(tmp_path, "tile", {"data": {"val_images": 0}, "tile": {"size": 64, "overlap": 16}})
+    assert no_val.returncode == 2 and "data.val_images must be >= 1" in no_val.stderr and "Traceback" not in no_val.stderr
+    assert not (tmp_path / "data" / "tiles").exists()

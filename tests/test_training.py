@@ -365,3 +365,16 @@ def test_ddp_two_processes_gloo(tiles, tmp_path):
         assert_same_state(params(rank0), params(rank1))
         assert_same_state(rank0, ckpt["model"])
     assert "rank 0 ran [2] history [1, 2]" in proc.stdout and "rank 1 ran [2] history [1, 2]" in proc.stdout
+
+
+def test_lr_drops_at_the_start_of_lr_drop_epoch():
+    """Epochs count from 1: with lr_drop_epoch=3 and 4 iterations an epoch, iterations 8+ (epoch 3) run at lr x factor."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = engine.build_scheduler(optimizer, train_cfg(lr=1.0, warmup_iters=0, lr_drop_epoch=3, lr_drop_factor=0.1), iters_per_epoch=4)
+    lrs = []
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:8] == [1.0] * 8 and lrs[8:] == pytest.approx([0.1] * 4)

@@ -107,11 +107,13 @@ def read_mask(path: str | Path) -> np.ndarray:
         array = array[..., 0]
     if array.dtype == bool:
         return array
+    if np.issubdtype(array.dtype, np.floating):
+        return array >= 0.5 * (1.0 if array.max(initial=0) <= 1.0 else 255.0)
     top = array.max(initial=0)
     if top <= 1:
         return array > 0
     # Like _to_uint8: wide integers holding values <= 255 are 8-bit masks (a 16-bit 0/255 mask is not empty).
-    full = (np.iinfo(array.dtype).max if top > 255 else 255) if np.issubdtype(array.dtype, np.integer) else 1.0
+    full = np.iinfo(array.dtype).max if top > 255 else 255
     return array >= full / 2
 
 
@@ -125,18 +127,22 @@ def train_ids(raw_dir: str | Path) -> list[str]:
     return ids
 
 
-def load_train_sample(raw_dir: str | Path, name: str, workers: int = 4) -> Sample:
-    """One training image and its nuclei; empty masks are skipped with a warning."""
-    folder = Path(raw_dir) / "train" / name
-    images_dir = folder / "images"
+def train_image_path(raw_dir: str | Path, name: str) -> Path:
+    """train/<ID>/images/<ID>.<png|tif|tiff|jpg|jpeg>."""
+    images_dir = Path(raw_dir) / "train" / name / "images"
     if not images_dir.is_dir():
         raise NucleisegError(f"{images_dir}: missing 'images/' folder; each train/<ID>/ needs images/<ID>.png")
     candidates = [images_dir / f"{name}{suffix}" for suffix in IMAGE_SUFFIXES]
     image_path = next((p for p in candidates if p.is_file()), None)
     if image_path is None:
         raise NucleisegError(f"{images_dir / (name + '.png')}: image not found; put the image there")
-    image = read_rgb(image_path)
-    masks_dir = folder / "masks"
+    return image_path
+
+
+def load_train_sample(raw_dir: str | Path, name: str, workers: int = 4) -> Sample:
+    """One training image and its nuclei; empty masks are skipped with a warning."""
+    image = read_rgb(train_image_path(raw_dir, name))
+    masks_dir = Path(raw_dir) / "train" / name / "masks"
     mask_paths = sorted(p for p in masks_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if masks_dir.is_dir() else []
     # Decoding ~1,000 PNGs per image is zlib-bound and releases the GIL: threads help.
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -88,7 +88,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 def build_scheduler(optimizer, cfg: TrainConfig, iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-iteration schedule: linear warmup, then x lr_drop_factor from lr_drop_epoch on."""
     warmup = max(int(cfg.warmup_iters), 0)
-    drop_at = int(cfg.lr_drop_epoch) * iters_per_epoch
+    drop_at = (int(cfg.lr_drop_epoch) - 1) * iters_per_epoch  # epochs count from 1
 
     def factor(iteration: int) -> float:
         warm = min(1.0, 0.001 + (1 - 0.001) * iteration / warmup) if warmup else 1.0
@@ -215,11 +215,12 @@ def fit(
     """
     dist = dist or DistInfo()
     model.to(device)
-    if dist.enabled:
+    # Each process draws its share of an epoch: all windows split by DistributedSampler, or samples_per_epoch / world_size.
+    per_rank_samples = math.ceil(cfg.samples_per_epoch / dist.world_size) if cfg.samples_per_epoch else None
+    sampler = None
+    if dist.enabled and per_rank_samples is None:
         sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
-    else:
-        sampler = None
-    iters_per_epoch = math.ceil((len(sampler) if sampler is not None else (cfg.samples_per_epoch or len(train_set))) / cfg.batch_size)
+    iters_per_epoch = math.ceil((len(sampler) if sampler is not None else (per_rank_samples or len(train_set))) / cfg.batch_size)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, iters_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda") else None
@@ -244,12 +245,12 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs + 1):
         seed_everything(seed * 1000 + epoch)
         train_set.set_epoch(epoch)
-        loader_generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        loader_generator = torch.Generator().manual_seed((seed * 1000 + epoch) * dist.world_size + dist.rank)
         if sampler is not None:
             sampler.set_epoch(epoch)
             epoch_sampler = sampler
         else:
-            epoch_sampler = torch.utils.data.RandomSampler(train_set, num_samples=cfg.samples_per_epoch, generator=loader_generator)
+            epoch_sampler = torch.utils.data.RandomSampler(train_set, num_samples=per_rank_samples, generator=loader_generator)
         loader = torch.utils.data.DataLoader(
             train_set, batch_size=cfg.batch_size, sampler=epoch_sampler, num_workers=cfg.workers,
             collate_fn=collate, pin_memory=device.type == "cuda", generator=loader_generator,

@@ -32,7 +32,7 @@ class TrainOutputs:
 
 def checkpoint_path(params: dict, split_file: Path, checkpoints_dir: Path | None = None) -> Path:
     """Resume file, keyed by everything that shapes the training: a changed param starts afresh."""
-    key = {k: params.get(k) for k in ("backbone", "seed", "model", "train", "tile")}
+    key = {k: params.get(k) for k in ("backbone", "seed", "data", "model", "train", "tile")}
     key["split"] = split_file.read_text() if split_file.is_file() else ""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return (checkpoints_dir or repo_root() / "checkpoints") / f"train-{digest}.pt"
@@ -118,6 +118,8 @@ def run_training(params: dict, tiles_dir: Path = Path("data/tiles"), split_file:
     started = time.perf_counter()
     tags = tracking.run_tags(mcfg.backbone, str(device))
     with tracking.active_run(resumed_run, tracking.run_name(mcfg.backbone), tags) as run:
+        # First: whatever fails later, run.json never points at another training's run.
+        write_json(outputs.run, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": tracking.tracking_uri()})
         if resumed_run is None:
             tracking.log_params(flatten(params))
             mlflow.log_params({"train_windows": len(train_set), "val_windows": len(val_set), "world_size": dist.world_size})
@@ -151,7 +153,6 @@ def run_training(params: dict, tiles_dir: Path = Path("data/tiles"), split_file:
         mlflow.log_artifact(str(curves_png), artifact_path="plots")
         curves_png.unlink()
         tracking.log_model(model)
-        write_json(outputs.run, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": tracking.tracking_uri()})
     log.info("trained %s in %.0f s; best epoch %d", mcfg.backbone, time.perf_counter() - started, result.best_epoch)
     ckpt_path.unlink(missing_ok=True)
     return metrics
