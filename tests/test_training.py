@@ -342,7 +342,6 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_gloo(tiles, tmp_path):
     """torchrun, 2 CPU processes: both finish, weights agree, rank 0 writes the checkpoint; a resumed run agrees too."""
     tiles_dir, _ = tiles
