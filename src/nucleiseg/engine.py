@@ -118,7 +118,7 @@ def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, sca
             losses = model(images, targets)
         loss = sum(losses.values())
         if not math.isfinite(float(loss.detach())):
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             raise NucleisegError(f"non-finite loss at epoch {epoch} step {steps} ({detail}); lower train.lr or raise train.warmup_iters")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:

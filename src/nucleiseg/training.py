@@ -117,9 +117,10 @@ def run_training(params: dict, tiles_dir: Path = Path("data/tiles"), split_file:
 
     started = time.perf_counter()
     tags = tracking.run_tags(mcfg.backbone, str(device))
+    # A failure below must leave neither a half set of outputs nor a run.json naming an earlier training's run.
+    for stale in (outputs.model, outputs.run):
+        stale.unlink(missing_ok=True)
     with tracking.active_run(resumed_run, tracking.run_name(mcfg.backbone), tags) as run:
-        # First: whatever fails later, run.json never points at another training's run.
-        write_json(outputs.run, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": tracking.tracking_uri()})
         if resumed_run is None:
             tracking.log_params(flatten(params))
             mlflow.log_params({"train_windows": len(train_set), "val_windows": len(val_set), "world_size": dist.world_size})
@@ -153,6 +154,7 @@ def run_training(params: dict, tiles_dir: Path = Path("data/tiles"), split_file:
         mlflow.log_artifact(str(curves_png), artifact_path="plots")
         curves_png.unlink()
         tracking.log_model(model)
+        write_json(outputs.run, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": tracking.tracking_uri()})
     log.info("trained %s in %.0f s; best epoch %d", mcfg.backbone, time.perf_counter() - started, result.best_epoch)
     ckpt_path.unlink(missing_ok=True)
     return metrics
