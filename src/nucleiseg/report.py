@@ -64,18 +64,15 @@ def _store_label() -> str:
     """Where the runs came from, without local paths or credentials (the report may be committed)."""
     from urllib.parse import urlparse
 
-    uri = tracking.tracking_uri()
-    if uri == f"sqlite:///{tracking.store_dir() / 'mlflow.db'}":
+    if tracking.uses_local_store():
         return "mlruns/mlflow.db"
-    parsed = urlparse(uri)
+    parsed = urlparse(tracking.tracking_uri())
     return f"{parsed.scheme}://{parsed.hostname or ''}{f':{parsed.port}' if parsed.port else ''}"
 
 
 def _store_exists() -> bool:
     """False when the local SQLite store has not been created yet (no pipeline run so far)."""
-    uri = tracking.tracking_uri()
-    local = f"sqlite:///{tracking.store_dir() / 'mlflow.db'}"
-    return uri != local or (tracking.store_dir() / "mlflow.db").is_file()
+    return not tracking.uses_local_store() or (tracking.store_dir() / "mlflow.db").is_file()
 
 
 def collect_runs(experiment: str = tracking.EXPERIMENT) -> list[Row]:

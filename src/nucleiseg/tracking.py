@@ -26,8 +26,17 @@ def store_dir() -> Path:
     return repo_root() / "mlruns"
 
 
+def local_store_uri() -> str:
+    """The project's own store: SQLite under <repo>/mlruns."""
+    return f"sqlite:///{store_dir() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_dir() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri()
+
+
+def uses_local_store() -> bool:
+    return tracking_uri() == local_store_uri()
 
 
 def configure(experiment: str = EXPERIMENT) -> str:
@@ -35,7 +44,7 @@ def configure(experiment: str = EXPERIMENT) -> str:
     import mlflow
 
     uri = tracking_uri()
-    local_store = uri == f"sqlite:///{store_dir() / 'mlflow.db'}"
+    local_store = uses_local_store()
     if local_store:
         store_dir().mkdir(parents=True, exist_ok=True)
     # Note: set_tracking_uri also exports MLFLOW_TRACKING_URI to this process's environment.
