@@ -39,7 +39,12 @@ def _zip(folder: Path, archive: Path, with_top: bool) -> Path:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes by relative path, except the SOURCE.json that fetch_dataset adds."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() != download.SOURCE_FILE
+    }
 
 
 def _assert_layout(out: Path, source: Path) -> None:
@@ -220,8 +225,8 @@ def test_offline_drive_fails_fast(tmp_path, monkeypatch):
     assert "synthetic" in message
     assert ".zip" in message and "data.source" in message
     assert "\n" not in message
-    assert not out.exists()
-    _no_leftovers(out)
+    assert "../shared" not in message and "dvc exp run -S data.source=" in message
+    assert not out.parent.exists()  # no empty data/ folder left behind
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """io.atomic_path (and so fetch_dataset): stale temp folders of killed runs are cleared,
 those of running stages are not, and a failed run leaves no parent folder it created."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,10 @@ from pathlib import Path
 import pytest
 
 import nucleiseg.io as nio
+from nucleiseg.download import fetch_dataset
 from nucleiseg.io import LOCK_NAME, atomic_path, clear_stale_temps
+
+SMALL = {"n_train": 1, "n_test": 1, "size": 32, "radius_range": (3, 6), "seed": 0}
 
 HOLDER = """
 import sys
@@ -96,6 +100,29 @@ def test_clear_stale_temps_ignores_links_and_files(tmp_path):
     (tmp_path / ".out.tmp-file0001").write_text("a file")
     assert clear_stale_temps(tmp_path / "out") == []
     assert (elsewhere / "keep.txt").is_file() and (tmp_path / ".out.tmp-file0001").is_file()
+
+
+def test_fetch_dataset_clears_stale_download_staging(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    stale = _stale(data, "raw", "killed01")
+    (stale / "extracted").mkdir()
+    (stale / "download.zip").write_bytes(b"PK" + bytes(1000))
+    fetch_dataset("synthetic", data / "raw", synthetic_options=dict(SMALL))
+    assert not stale.exists()
+    assert (data / "raw" / "train").is_dir()
+    assert sorted(p.name for p in data.iterdir()) == ["raw"]
+
+
+def test_fetch_dataset_keeps_a_running_download(tmp_path):
+    target = tmp_path / "data" / "raw"
+    proc, live = _start_holder(target)
+    try:
+        fetch_dataset("synthetic", target, synthetic_options=dict(SMALL))
+        assert live.is_dir()
+        assert json.loads((target / "SOURCE.json").read_text())["source"] == "synthetic"
+    finally:
+        proc.communicate("go\n", timeout=30)
 
 
 def test_failure_removes_parents_it_created(tmp_path):
