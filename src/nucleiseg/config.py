@@ -1,144 +1,378 @@
-"""params.yaml → typed configs, built in one place.
+"""params.yaml -> one typed `Params`, checked in one place.
 
-Each stage reads its own section; the model config travels inside the
-checkpoint so a model can be rebuilt without params.yaml.
+Every param has a type and a range here; `read_params` refuses unknown keys,
+wrong types and out-of-range values with one line naming the key, the value and
+what is allowed, before any stage does work. The dataclass defaults are the one
+copy of the defaults (a test keeps params.yaml equal to them). The model config
+travels inside the model file, so a model can be rebuilt without params.yaml.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from .errors import NucleisegError
 
+DRIVE_SOURCE = "gdrive:1nEJ7NTtHcCHNQqUXaoPk55VH3Uwh4QGG"
+BACKBONES = ("resnet50", "resnet50_v2", "resnet101", "resnet34", "resnet18")
+SELECT_METRICS = ("ap50_all", "ap50", "f1", "pq")
+OPERATING_METRICS = ("f1", "pq")
+
+
+# ------------------------------------------------------------------------------------ value checks
+# A check takes the raw YAML value and returns the converted value or raises ValueError(what is allowed).
+
+
+def integer(lo: int | None = None, hi: int | None = None, optional: bool = False) -> Callable:
+    def check(value):
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(_range_text("an integer", lo, hi, optional))
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ValueError(_range_text("an integer", lo, hi, optional))
+        return value
+
+    return check
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Callable:
+    def check(value):
+        if isinstance(value, str):
+            # YAML reads 1e-4 (no dot) as a string; a number written that way is still a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError(_interval_text(lo, hi, lo_open, hi_open))
+        value = float(value)
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        too_high = hi is not None and (value >= hi if hi_open else value > hi)
+        if too_low or too_high:
+            raise ValueError(_interval_text(lo, hi, lo_open, hi_open))
+        return value
+
+    return check
+
+
+def boolean(value):
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
+def choice(*options: str) -> Callable:
+    def check(value):
+        if value not in options:
+            raise ValueError("one of " + ", ".join(options))
+        return value
+
+    return check
+
+
+def int_or_auto(lo: int) -> Callable:
+    as_int = integer(lo)
+
+    def check(value):
+        if value == "auto":
+            return value
+        try:
+            return as_int(value)
+        except ValueError:
+            raise ValueError(f"'auto' or an integer >= {lo}") from None
+
+    return check
+
+
+def list_of(item: Callable, length: int | None = None, min_length: int = 0, what: str = "values") -> Callable:
+    def check(value):
+        shape = f"exactly {length}" if length is not None else f"at least {min_length}"
+        if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length) or len(value) < min_length:
+            raise ValueError(f"a list of {shape} {what}")
+        try:
+            return [item(v) for v in value]
+        except ValueError as exc:
+            raise ValueError(f"a list of {shape} {what}, each {exc}") from None
+
+    return check
+
+
+def text(optional: bool = False) -> Callable:
+    def check(value):
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("a non-empty string" + (" or null" if optional else ""))
+        return value
+
+    return check
+
+
+def sha256_hex(value):
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        # 64 digits unquoted read as a YAML integer: the check would silently disappear.
+        raise ValueError("null or 64 hex characters in quotes (e.g. '0081bd…0e84')")
+    digest = value.lower().removeprefix("sha256:")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError("null or 64 hex characters in quotes (e.g. '0081bd…0e84')")
+    return digest
+
+
+def _range_text(kind: str, lo, hi, optional: bool) -> str:
+    parts = [kind]
+    if lo is not None and hi is not None:
+        parts.append(f"from {lo} to {hi}")
+    elif lo is not None:
+        parts.append(f">= {lo}")
+    elif hi is not None:
+        parts.append(f"<= {hi}")
+    return " ".join(parts) + (" or null" if optional else "")
+
+
+def _interval_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    return "a number" + (" " + " and ".join(parts) if parts else "")
+
+
+def param(default, check: Callable):
+    """A dataclass field with its check; list defaults are copied per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+def section(cls):
+    return field(default_factory=cls, metadata={"section": cls})
+
+
+# ------------------------------------------------------------------------------------ sections
+
+
+@dataclass
+class SyntheticConfig:
+    n_train: int = param(6, integer(2, 1000))
+    n_test: int = param(2, integer(0, 1000))
+    size: int = param(256, integer(64, 4096))
+    radius_range: list[int] = param([6, 40], list_of(integer(2, 200), length=2, what="radii"))
+    seam_lines: list[int] = param([], list_of(integer(1, 4096), what="pixel positions"))
+
+
+@dataclass
+class DataConfig:
+    source: str = param(DRIVE_SOURCE, text())
+    sha256: str | None = param(None, sha256_hex)
+    val_images: int = param(4, integer(1, 1000))
+    test_annotations: str | None = param(None, text(optional=True))
+    synthetic: SyntheticConfig = section(SyntheticConfig)
+
 
 @dataclass
 class TileConfig:
-    size: int = 512
-    overlap: int = 192
-    min_visible: float = 0.3
+    size: int = param(512, integer(64, 4096))
+    overlap: int = param(192, integer(0, 4095))
+    min_visible: float = param(0.3, number(0, 1, lo_open=True))
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"
-    weights: str = "auto"
-    anchor_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    rpn_pre_nms_top_n_train: int = 2000
-    rpn_post_nms_top_n_train: int = 2000
-    rpn_pre_nms_top_n_test: int = 3000
-    rpn_post_nms_top_n_test: int = 3000
-    rpn_batch_size_per_image: int = 256
-    box_batch_size_per_image: int = 512
-    box_score_thresh: float = 0.05
-    box_nms_thresh: float = 0.3
-    detections_per_img: int = 1000
-    min_size: int | None = None
-    max_size: int | None = None
-    trainable_backbone_layers: int = 5
+    """What builds a network; saved inside the model file (plain data, loadable with weights_only)."""
+
+    backbone: str = param("resnet50", choice(*BACKBONES))
+    weights: str = param("auto", text())
+    norm: str = param("auto", choice("auto", "batchnorm", "groupnorm", "frozen"))
+    input_scale: float = param(1.0, number(0.5, 4))
+    anchor_sizes: list[int] = param([8, 16, 32, 64, 128], list_of(integer(1, 1024), length=5, what="anchor sizes (one per FPN level)"))
+    aspect_ratios: list[float] = param([0.5, 1.0, 2.0], list_of(number(0, 10, lo_open=True), min_length=1, what="ratios"))
+    rpn_pre_nms_top_n_train: int = param(2000, integer(1, 100_000))
+    rpn_post_nms_top_n_train: int = param(2000, integer(1, 100_000))
+    rpn_pre_nms_top_n_test: int = param(3000, integer(1, 100_000))
+    rpn_post_nms_top_n_test: int = param(3000, integer(1, 100_000))
+    rpn_batch_size_per_image: int = param(256, integer(1, 100_000))
+    box_batch_size_per_image: int = param(512, integer(1, 100_000))
+    box_score_thresh: float = param(0.05, number(0, 1, hi_open=True))
+    box_nms_thresh: float = param(0.3, number(0, 1, lo_open=True))
+    detections_per_img: int = param(1000, integer(1, 100_000))
+    min_size: int | None = param(None, integer(32, 10_000, optional=True))
+    max_size: int | None = param(None, integer(32, 10_000, optional=True))
+    trainable_backbone_layers: int = param(5, integer(0, 5))
 
 
 @dataclass
 class AugmentConfig:
-    crop: int = 384
-    scale: list[float] = field(default_factory=lambda: [0.8, 1.25])
-    flip: bool = True
-    rot90: bool = True
-    color_jitter: float = 0.1
+    crop: int = param(384, integer(0, 4096))
+    scale: list[float] = param([0.8, 1.25], list_of(number(0.25, 4), length=2, what="factors"))
+    flip: bool = param(True, boolean)
+    rot90: bool = param(True, boolean)
+    color_jitter: float = param(0.1, number(0, 1))
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 80
-    batch_size: int = 2
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_drop_epoch: int = 60
-    lr_drop_factor: float = 0.1
-    warmup_iters: int = 200
-    grad_clip: float = 10.0
-    amp: bool = True
-    device: str = "auto"
-    gpus: int = 1
-    workers: int = 2
-    samples_per_epoch: int | None = None
-    val_every: int = 1
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    epochs: int = param(80, integer(1, 100_000))
+    batch_size: int = param(4, integer(1, 1024))
+    optimizer: str = param("adam", choice("adam", "adamw", "sgd"))
+    lr: float = param(2.0e-4, number(0, 1, lo_open=True))
+    momentum: float = param(0.9, number(0, 1, hi_open=True))
+    weight_decay: float = param(1.0e-4, number(0, 1))
+    lr_drop_epoch: int = param(60, integer(0, 100_000))
+    lr_drop_factor: float = param(0.1, number(0, 1, lo_open=True))
+    warmup_iters: int = param(200, integer(0, 1_000_000))
+    grad_clip: float = param(10.0, number(0))
+    amp: str = param("auto", choice("auto", "bf16", "fp16", "off"))
+    channels_last: bool = param(True, boolean)
+    gpus: int = param(1, integer(1, 64))
+    workers: int | str = param("auto", int_or_auto(0))
+    samples_per_epoch: int | None = param(None, integer(1, 10_000_000, optional=True))
+    val_every: int = param(5, integer(1, 100_000))
+    select_metric: str = param("ap50_all", choice(*SELECT_METRICS))
+    augment: AugmentConfig = section(AugmentConfig)
 
 
 @dataclass
 class InferConfig:
-    window: int = 512
-    overlap: int = 192
-    batch_size: int = 2
-    score_threshold: float = 0.05
-    mask_threshold: float = 0.5
-    min_area: int = 10
-    fill_holes: bool = True
-    dedup_iou: float = 0.3
-    dedup_ios: float = 0.6
-    tta: bool = False
-    whole_image: bool = False
-    score: str = "mask_weighted"
+    window: int = param(512, integer(64, 4096))
+    overlap: int = param(192, integer(0, 4095))
+    batch_size: int = param(4, integer(1, 256))
+    score_threshold: float = param(0.05, number(0, 1, hi_open=True))
+    mask_threshold: float = param(0.5, number(0, 1, lo_open=True, hi_open=True))
+    min_area: int = param(10, integer(0, 1_000_000))
+    fill_holes: bool = param(True, boolean)
+    dedup_iou: float = param(0.3, number(0, 1, lo_open=True))
+    dedup_ios: float = param(0.6, number(0, 1, lo_open=True))
+    tta: bool = param(False, boolean)
+    whole_image: bool = param(False, boolean)
+    score: str = param("detector", choice("detector", "mask_weighted"))
 
 
-def _build(cls, values: dict | None, where: str):
-    """A dataclass from a params section; unknown keys are an error (a typo would be silently ignored)."""
-    values = dict(values or {})
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
+@dataclass
+class EvaluateConfig:
+    max_dets_all: int = param(3000, integer(100, 1_000_000))
+    overlays: int = param(8, integer(0, 10_000))
+    operating_metric: str = param("f1", choice(*OPERATING_METRICS))
+
+
+@dataclass
+class Params:
+    """All of params.yaml. `model.backbone` is the top-level `backbone` (what `-S backbone=` sets)."""
+
+    backbone: str = param("resnet50", choice(*BACKBONES))
+    seed: int = param(0, integer(0, 2**31 - 1))
+    device: str = param("auto", choice("auto", "cpu", "cuda", "mps"))
+    data: DataConfig = section(DataConfig)
+    tile: TileConfig = section(TileConfig)
+    model: ModelConfig = section(ModelConfig)
+    train: TrainConfig = section(TrainConfig)
+    infer: InferConfig = section(InferConfig)
+    evaluate: EvaluateConfig = section(EvaluateConfig)
+
+    def as_dict(self) -> dict[str, Any]:
+        """params.yaml's shape (model without backbone, which is top-level)."""
+        out = dataclasses.asdict(self)
+        out["model"].pop("backbone")
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """{'train.lr': 2e-4, ...}: every param once, for MLflow."""
+        return flatten(self.as_dict())
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def _build(cls, values, where: str, source: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise NucleisegError(f"{source}: '{where}' must be a mapping of keys, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise NucleisegError(f"params.yaml: unknown key(s) {unknown} under '{where}'; known: {sorted(known)}")
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise NucleisegError(f"{source}: unknown key '{key}'; known under '{where or 'top level'}': {', '.join(fields)}")
+    kwargs = {}
     for name, value in values.items():
-        default_factory = known[name].default_factory
-        if isinstance(value, dict) and default_factory is not dataclasses.MISSING:
-            nested_cls = type(default_factory())
-            if dataclasses.is_dataclass(nested_cls):
-                values[name] = _build(nested_cls, value, f"{where}.{name}")
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise NucleisegError(f"params.yaml: bad '{where}' section: {exc}") from None
+        f = fields[name]
+        key = f"{where}.{name}" if where else name
+        if "section" in f.metadata:
+            kwargs[name] = _build(f.metadata["section"], value, key, source)
+            continue
+        try:
+            kwargs[name] = f.metadata["check"](value)
+        except ValueError as exc:
+            raise NucleisegError(f"{source}: {key} = {value!r} is not allowed; expected {exc}") from None
+    return cls(**kwargs)
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+def _cross_checks(p: Params, source: str) -> None:
+    def refuse(message: str):
+        raise NucleisegError(f"{source}: {message}")
+
+    if p.tile.overlap >= p.tile.size:
+        refuse(f"tile.overlap = {p.tile.overlap} must be smaller than tile.size = {p.tile.size}")
+    if p.infer.overlap >= p.infer.window:
+        refuse(f"infer.overlap = {p.infer.overlap} must be smaller than infer.window = {p.infer.window}")
+    lo, hi = p.train.augment.scale
+    if lo > hi:
+        refuse(f"train.augment.scale = {[lo, hi]}: the first factor must not exceed the second")
+    r_lo, r_hi = p.data.synthetic.radius_range
+    if r_lo > r_hi:
+        refuse(f"data.synthetic.radius_range = {[r_lo, r_hi]}: the first radius must not exceed the second")
+    if p.data.sha256 and p.data.source == "synthetic":
+        refuse("data.sha256 is set but data.source is 'synthetic': a checksum applies to a zip only; set data.sha256 to null")
+
+
+def params_from_dict(values: dict, source: str = "params.yaml") -> Params:
+    """A checked Params from a params.yaml-shaped dict; NucleisegError names the first bad key."""
+    values = dict(values or {})
+    model = values.get("model")
+    if isinstance(model, dict) and "backbone" in model:
+        raise NucleisegError(f"{source}: model.backbone is not a key; set the top-level 'backbone' (dvc exp run -S backbone=...)")
+    if "backbone" in values:
+        values["model"] = {**(model if isinstance(model, dict) else {}), "backbone": values["backbone"]}
+    params = _build(Params, values, "", source)
+    _cross_checks(params, source)
+    return params
+
+
+def read_params(path: str | Path = "params.yaml") -> Params:
+    """params.yaml, parsed and checked; the one place stages read their configuration."""
     path = Path(path)
     if not path.is_file():
         raise NucleisegError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
     try:
-        params = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise NucleisegError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return params
+    if values is not None and not isinstance(values, dict):
+        raise NucleisegError(f"{path}: expected a mapping of sections (backbone, seed, data, tile, model, train, infer, evaluate)")
+    return params_from_dict(values or {}, str(path))
 
 
-def tile_config(params: dict) -> TileConfig:
-    return _build(TileConfig, params.get("tile"), "tile")
+def model_config_from_dict(values: dict, source: str) -> ModelConfig:
+    """A ModelConfig saved inside a model file; checked like params.yaml's section."""
+    try:
+        return _build(ModelConfig, values, "model", source)
+    except NucleisegError as exc:
+        raise NucleisegError(f"{exc}; the model file was written by another version, retrain it") from None
 
 
-def model_config(params: dict) -> ModelConfig:
-    return _build(ModelConfig, {"backbone": params.get("backbone", "resnet50"), **(params.get("model") or {})}, "model")
-
-
-def train_config(params: dict) -> TrainConfig:
-    return _build(TrainConfig, params.get("train"), "train")
-
-
-def infer_config(params: dict) -> InferConfig:
-    return _build(InferConfig, params.get("infer"), "infer")
-
-
-def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
-    """{'train': {'lr': 1}} -> {'train.lr': 1}, for MLflow params."""
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
     flat = {}
-    for key, value in params.items():
+    for key, value in values.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
