@@ -204,3 +204,14 @@ def split_ids(ids: list[str], val_images: int, seed: int) -> dict[str, list[str]
     random.Random(seed).shuffle(shuffled)
     val = sorted(shuffled[:val_images])
     return {"train": sorted(set(ids) - set(val)), "val": val}
+
+
+def source_record(raw_dir: str | Path) -> dict:
+    """What the download stage recorded about the data in `raw_dir` (SOURCE.json): its source label
+    and, for zips, their sha256; {'source': 'unknown'} for a folder made some other way."""
+    path = Path(raw_dir) / "SOURCE.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"source": "unknown"}
+    return record if isinstance(record, dict) and "source" in record else {"source": "unknown"}

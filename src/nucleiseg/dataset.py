@@ -1,132 +1,239 @@
-"""Torch dataset over the tile stage's windows, with on-the-fly augmentation.
+"""Training samples from the tile dataset: augmentation on the label map, targets built last.
 
-Augmentations use torchvision.transforms.v2 so the image, the masks and the
-boxes move together. Each sample draws its randomness from a seed made of
-(seed, epoch, index): the same sample gets the same augmentation whatever the
-worker count, and a resumed run replays exactly the epochs it missed.
+A sample is one window (pixels + instance label layers, see `tiles`). The geometric
+augmentation (scale jitter, random crop, flips, 90-degree turns) is applied to the
+label map, not to one full-size mask per nucleus: the crop is chosen first and
+only its pixels are resampled (nearest neighbour for labels, the same source pixel
+torchvision's nearest resize of the whole window would pick). Boxes come from the
+transformed labels; the per-instance masks Mask R-CNN wants are expanded from the
+label map by `expand_masks`, on the training device, after the batch left the
+loader.
+
+Randomness comes from a generator seeded with (seed, epoch, index): the same
+sample gets the same augmentation whatever the worker count, and a resumed run
+replays exactly the epochs it missed. The sampler hands each index together with
+its epoch, so persistent loader workers need no state from the main process.
 """
 
 from __future__ import annotations
 
-import json
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from pycocotools import mask as mask_utils
-from torchvision import tv_tensors
-from torchvision.ops import masks_to_boxes
-from torchvision.transforms import v2
+from scipy import ndimage
+from torchvision.transforms.v2 import functional as TF
 
 from .config import AugmentConfig
-from .errors import NucleisegError
+from .tiles import read_index, read_window
 from .tiling import PAD_VALUE
 
 MIN_MASK_PIXELS = 4  # crops can leave slivers of a nucleus: too small to learn from
 
 
-class RandomRot90(v2.Transform):
-    """Rotate by a random multiple of 90 degrees (nuclei have no up)."""
+@dataclass(frozen=True)
+class AugmentParams:
+    """One draw of the augmentation for a window of `size` px."""
 
-    def make_params(self, flat_inputs):
-        return {"k": int(torch.randint(0, 4, ()).item())}
-
-    def transform(self, inpt, params):
-        if params["k"] == 0:
-            return inpt
-        return self._call_kernel(v2.functional.rotate, inpt, 90.0 * params["k"], expand=True)
-
-
-class RandomScale(v2.Transform):
-    """Resize by a factor drawn uniformly from [low, high]: nuclei sizes vary between slides."""
-
-    def __init__(self, low: float, high: float):
-        super().__init__()
-        self.low, self.high = low, high
-
-    def make_params(self, flat_inputs):
-        height, width = v2.query_size(flat_inputs)
-        factor = self.low + (self.high - self.low) * float(torch.rand(()))
-        return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
-
-    def transform(self, inpt, params):
-        return self._call_kernel(v2.functional.resize, inpt, params["size"], antialias=True)
+    scaled: int  # side of the window after scale jitter
+    top: int  # crop origin in the scaled window (may be negative: padding)
+    left: int
+    crop: int  # side of the output
+    hflip: bool
+    vflip: bool
+    rot90: int  # counter-clockwise quarter turns
+    jitter: tuple[tuple[str, float], ...]  # (adjustment, factor) in the order applied
 
 
-def build_augmentation(cfg: AugmentConfig | None) -> v2.Compose | None:
-    if cfg is None:
-        return None
-    steps: list = []
-    if cfg.scale and (cfg.scale[0] != 1.0 or cfg.scale[1] != 1.0):
-        steps.append(RandomScale(float(cfg.scale[0]), float(cfg.scale[1])))
-    if cfg.crop:
-        steps.append(v2.RandomCrop(int(cfg.crop), pad_if_needed=True, fill={tv_tensors.Image: PAD_VALUE, "others": 0}))
-    if cfg.flip:
-        steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
-    if cfg.rot90:
-        steps.append(RandomRot90())
+def draw_params(rng: np.random.Generator, size: int, cfg: AugmentConfig) -> AugmentParams:
+    lo, hi = cfg.scale
+    scaled = max(1, round(size * (lo + (hi - lo) * rng.random())))
+    crop = int(cfg.crop) or scaled
+    # A crop larger than the scaled window is padded around it (PAD_VALUE, no labels).
+    top = int(rng.integers(0, scaled - crop + 1)) if scaled >= crop else -int(rng.integers(0, crop - scaled + 1))
+    left = int(rng.integers(0, scaled - crop + 1)) if scaled >= crop else -int(rng.integers(0, crop - scaled + 1))
+    hflip = bool(cfg.flip and rng.random() < 0.5)
+    vflip = bool(cfg.flip and rng.random() < 0.5)
+    rot90 = int(rng.integers(0, 4)) if cfg.rot90 else 0
+    jitter: tuple = ()
     if cfg.color_jitter:
         j = float(cfg.color_jitter)
-        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=j / 4))
-    return v2.Compose(steps) if steps else None
+        factors = {
+            "brightness": 1 + rng.uniform(-j, j),
+            "contrast": 1 + rng.uniform(-j, j),
+            "saturation": 1 + rng.uniform(-j, j),
+            "hue": rng.uniform(-j / 4, j / 4),
+        }
+        order = rng.permutation(len(factors))
+        names = list(factors)
+        jitter = tuple((names[i], float(factors[names[i]])) for i in order)
+    return AugmentParams(scaled, top, left, crop, hflip, vflip, rot90, jitter)
+
+
+def nearest_source(start: int, count: int, scaled: int, size: int) -> np.ndarray:
+    """Source index of each output pixel start..start+count-1 of a nearest resize size -> scaled;
+    -1 where the output lies outside the scaled window (padding)."""
+    out = np.arange(start, start + count)
+    src = np.floor(out * (size / scaled)).astype(np.int64)
+    src = np.minimum(src, size - 1)
+    src[(out < 0) | (out >= scaled)] = -1
+    return src
+
+
+def _resize_crop_image(image: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+    """3 x crop x crop uint8: the window resized to p.scaled (bilinear, antialiased), cropped, padded."""
+    if p.scaled != image.shape[-1]:
+        image = TF.resize(image, [p.scaled, p.scaled], antialias=True)
+    out = torch.full((3, p.crop, p.crop), PAD_VALUE, dtype=torch.uint8)
+    y0, x0 = max(p.top, 0), max(p.left, 0)
+    y1, x1 = min(p.top + p.crop, p.scaled), min(p.left + p.crop, p.scaled)
+    out[:, y0 - p.top : y1 - p.top, x0 - p.left : x1 - p.left] = image[:, y0:y1, x0:x1]
+    return out
+
+
+def _resize_crop_labels(labels: np.ndarray, p: AugmentParams) -> np.ndarray:
+    """L x crop x crop: only the cropped pixels are looked up (nearest neighbour)."""
+    size = labels.shape[-1]
+    rows = nearest_source(p.top, p.crop, p.scaled, size)
+    cols = nearest_source(p.left, p.crop, p.scaled, size)
+    out = labels[:, np.maximum(rows, 0)][:, :, np.maximum(cols, 0)]
+    if (rows < 0).any() or (cols < 0).any():
+        out[:, rows < 0] = 0
+        out[:, :, cols < 0] = 0
+    return out
+
+
+def _orient(array: np.ndarray, p: AugmentParams) -> np.ndarray:
+    """Flips then quarter turns on the last two axes."""
+    if p.hflip:
+        array = array[..., ::-1]
+    if p.vflip:
+        array = array[..., ::-1, :]
+    if p.rot90:
+        array = np.rot90(array, p.rot90, axes=(-2, -1))
+    return np.ascontiguousarray(array)
+
+
+_ADJUST = {
+    "brightness": TF.adjust_brightness,
+    "contrast": TF.adjust_contrast,
+    "saturation": TF.adjust_saturation,
+    "hue": TF.adjust_hue,
+}
+
+
+def augment(image: np.ndarray, labels: np.ndarray, p: AugmentParams) -> tuple[torch.Tensor, np.ndarray]:
+    """(3 x crop x crop uint8 tensor, L x crop x crop labels) for one draw."""
+    pixels = _resize_crop_image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), p)
+    pixels = torch.from_numpy(_orient(pixels.numpy(), p))
+    for name, factor in p.jitter:
+        pixels = _ADJUST[name](pixels, factor)
+    return pixels, _orient(_resize_crop_labels(labels, p), p)
+
+
+def label_targets(labels: np.ndarray) -> dict[str, torch.Tensor]:
+    """Boxes (x0, y0, x1, y1, exclusive end) and ids of the instances in L x H x W label layers;
+    instances under MIN_MASK_PIXELS pixels are dropped. Masks are expanded later (`expand_masks`)."""
+    ids, layers, boxes = [], [], []
+    for index, layer in enumerate(labels):
+        counts = np.bincount(layer.ravel())
+        for label, box in enumerate(ndimage.find_objects(layer), start=1):
+            if box is None or counts[label] < MIN_MASK_PIXELS:
+                continue
+            ids.append(label)
+            layers.append(index)
+            boxes.append((box[1].start, box[0].start, box[1].stop, box[0].stop))
+    order = np.argsort(ids, kind="stable")  # instance order = label order, whatever layer holds it
+    ids, layers, boxes = [ids[i] for i in order], [layers[i] for i in order], [boxes[i] for i in order]
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.ones(len(ids), dtype=torch.int64),
+        "instance_ids": torch.tensor(ids, dtype=torch.int32),
+        "instance_layers": torch.tensor(layers, dtype=torch.int64),
+        "label_map": torch.from_numpy(labels.astype(np.int32)),
+    }
+
+
+def expand_masks(target: dict) -> dict:
+    """The target Mask R-CNN takes: N x H x W uint8 masks from the label map, on its device."""
+    out = {k: v for k, v in target.items() if k not in ("label_map", "instance_ids", "instance_layers")}
+    label_map, ids, layers = target["label_map"], target["instance_ids"], target["instance_layers"]
+    if label_map.shape[0] == 1:
+        out["masks"] = (label_map[0][None] == ids[:, None, None]).to(torch.uint8)
+    else:
+        out["masks"] = (label_map[layers] == ids[:, None, None]).to(torch.uint8)
+    return out
 
 
 class TileDataset(torch.utils.data.Dataset):
-    """Windows of one split (`<tiles_dir>/<split>.json`): image tensor [0, 1] and a Mask R-CNN target."""
+    """The training windows (`<tiles_dir>/<split>/`): float image [0, 1] and a label-map target.
 
-    def __init__(self, tiles_dir: str | Path, split: str, augment: AugmentConfig | None = None, seed: int = 0):
-        self.tiles_dir = Path(tiles_dir)
-        doc_path = self.tiles_dir / f"{split}.json"
-        if not doc_path.is_file():
-            raise NucleisegError(f"{doc_path}: missing; run the tile stage first (dvc repro tile)")
-        self.doc = json.loads(doc_path.read_text())
-        self.images = self.doc["images"]
-        by_image: dict[int, list[dict]] = {img["id"]: [] for img in self.images}
-        for ann in self.doc["annotations"]:
-            by_image[ann["image_id"]].append(ann)
-        self.annotations = by_image
-        self.transform = build_augmentation(augment)
+    Indexed by (epoch, index) pairs from `EpochSampler` (an int index means epoch 0).
+    """
+
+    def __init__(self, tiles_dir: str | Path, split: str = "train", augment: AugmentConfig | None = None, seed: int = 0):
+        self.split_dir = Path(tiles_dir) / split
+        self.entries = read_index(tiles_dir, split)
+        self.augment = augment
         self.seed = seed
-        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def rng(self, epoch: int, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, index])
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        entry = self.entries[index]
+        image, labels = read_window(self.split_dir, entry)
+        if self.augment is not None:
+            pixels, labels = augment(image, labels, draw_params(self.rng(epoch, index), entry.size, self.augment))
+        else:
+            pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        target = label_targets(labels)
+        target["window"] = index
+        return pixels.float().div_(255.0), target
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """(epoch, index) pairs: a seeded permutation per epoch, this rank's share of it.
+
+    `samples_per_epoch` draws that many per epoch (cycling through permutations);
+    otherwise every window once, padded to divide evenly between ranks (like
+    DistributedSampler).
+    """
+
+    def __init__(self, n: int, seed: int, samples_per_epoch: int | None = None, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        total = samples_per_epoch or n
+        self.per_rank = math.ceil(total / world_size)
+        self.epoch = 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.images)
+        return self.per_rank
 
-    def _load(self, index: int):
-        info = self.images[index]
-        image = np.array(Image.open(self.tiles_dir / info["file_name"]).convert("RGB"))
-        anns = self.annotations[info["id"]]
-        if anns:
-            rles = [{"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode("ascii")} for a in anns]
-            masks = np.ascontiguousarray(np.moveaxis(mask_utils.decode(rles), -1, 0))
-        else:
-            masks = np.zeros((0,) + image.shape[:2], dtype=np.uint8)
-        return info, torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(masks)
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        needed = self.per_rank * self.world_size
+        order = np.concatenate([rng.permutation(self.n) for _ in range(math.ceil(needed / self.n))])[:needed]
+        for index in order[self.rank :: self.world_size]:
+            yield self.epoch, int(index)
 
-    def __getitem__(self, index: int):
-        info, image, masks = self._load(index)
-        image = tv_tensors.Image(image)
-        masks = tv_tensors.Mask(masks)
-        if self.transform is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2**63))
-                image, masks = self.transform(image, masks)
-        keep = masks.flatten(1).sum(1) >= MIN_MASK_PIXELS if masks.shape[0] else torch.zeros(0, dtype=torch.bool)
-        masks = masks[keep]
-        boxes = masks_to_boxes(masks) if masks.shape[0] else torch.zeros((0, 4))
-        # masks_to_boxes gives inclusive max coordinates; +1 makes the box cover the last pixel.
-        boxes[:, 2:] += 1
-        target = {
-            "boxes": boxes.float(),
-            "labels": torch.ones(masks.shape[0], dtype=torch.int64),
-            "masks": masks.as_subclass(torch.Tensor).to(torch.uint8),
-            "image_id": int(info["id"]),
-        }
-        return image.as_subclass(torch.Tensor).float().div_(255.0), target
+
+def default_workers() -> int:
+    """The cores this process may use, minus one for the training loop, at most 12."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(0, min(cores - 1, 12))
 
 
 def collate(batch):

@@ -19,36 +19,16 @@ from collections import defaultdict
 import numpy as np
 
 from .masks import Instance, intersection
-from .tiling import Window, window_starts
+from .tiling import Window, windows
 
 
-def axis_cores(length: int, size: int, overlap: int) -> list[tuple[float, float]]:
-    """[lo, hi) owned by each window start along one axis; together they cover [0, length)."""
-    starts = window_starts(length, size, overlap)
-    cores = []
-    for i, start in enumerate(starts):
-        lo = 0.0 if i == 0 else (starts[i - 1] + size + start) / 2.0
-        hi = float(length) if i == len(starts) - 1 else (start + size + starts[i + 1]) / 2.0
-        cores.append((lo, hi))
-    return cores
-
-
-def window_cores(height: int, width: int, size: int, overlap: int) -> dict[Window, tuple[float, float, float, float]]:
-    """Core (x0, y0, x1, y1) of every window of `tiling.windows(height, width, size, overlap)`."""
-    xs = dict(zip(window_starts(width, size, overlap), axis_cores(width, size, overlap)))
-    ys = dict(zip(window_starts(height, size, overlap), axis_cores(height, size, overlap)))
-    return {Window(x, y, size): (xs[x][0], ys[y][0], xs[x][1], ys[y][1]) for y in ys for x in xs}
-
-
-def owned(instances: list[Instance], core: tuple[float, float, float, float]) -> list[Instance]:
-    """Instances (image coordinates) whose centre of mass lies in the core."""
-    x0, y0, x1, y1 = core
+def owned(instances: list[Instance], window: Window) -> list[Instance]:
+    """Instances (image coordinates) whose centre of mass lies in the window's core."""
     kept = []
     for inst in instances:
         cx, cy = inst.centre()
         # +0.5: pixel i covers [i, i + 1), so its centre is at i + 0.5.
-        cx, cy = cx + 0.5, cy + 0.5
-        if x0 <= cx < x1 and y0 <= cy < y1:
+        if window.owns(cx + 0.5, cy + 0.5):
             kept.append(inst)
     return kept
 
@@ -84,27 +64,16 @@ def deduplicate(instances: list[Instance], iou_threshold: float, ios_threshold: 
     return [instances[i] for i in sorted(kept, key=lambda i: -instances[i].score)]
 
 
-def merge_windows(
-    per_window: list[tuple[Window, list[Instance]]],
-    height: int,
-    width: int,
-    size: int,
-    overlap: int,
-    iou_threshold: float = 0.3,
-    ios_threshold: float = 0.6,
-) -> list[Instance]:
+def merge_windows(per_window: list[tuple[Window, list[Instance]]], iou_threshold: float = 0.3, ios_threshold: float = 0.6) -> list[Instance]:
     """Whole-image instances from per-window ones (already in image coordinates)."""
-    cores = window_cores(height, width, size, overlap)
     survivors: list[Instance] = []
     for window, instances in per_window:
-        survivors.extend(owned(instances, cores[window]))
+        survivors.extend(owned(instances, window))
     return deduplicate(survivors, iou_threshold, ios_threshold)
 
 
 def instances_in_windows(instances: list[Instance], height: int, width: int, size: int, overlap: int) -> list[tuple[Window, list[Instance]]]:
     """Every visible piece of every instance per window, in image coordinates: what a perfect model sees."""
-    from .tiling import windows
-
     out = []
     for window in windows(height, width, size, overlap):
         pieces = []

@@ -1,27 +1,23 @@
-"""Overlapping windows over an image, and the tile stage's window datasets.
+"""Window geometry: overlapping windows over an image, each with the core it owns.
 
 Windows cover every pixel; the last window of a row/column is shifted inward
-(never padded) when the image is larger than a window, so every window is
-full of real tissue. An image smaller than a window gives one padded window.
+(never padded) when the image is larger than a window, so every window is full
+of real tissue. An image smaller than a window gives one padded window.
+
+Each window owns a *core*: the part of the image closer to its own centre line
+than to a neighbour's (overlaps split at their midpoints). The cores tile the
+image exactly, so stitching keeps an instance only in the window whose core
+holds its centre.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
-from . import coco
-from .data import Sample
 from .errors import NucleisegError
 from .masks import Instance
-
-log = logging.getLogger(__name__)
 
 # Padding colour of windows that are larger than the image: white, like glass in H&E.
 PAD_VALUE = 255
@@ -32,6 +28,7 @@ class Window:
     x0: int
     y0: int
     size: int
+    core: tuple[float, float, float, float]  # (x0, y0, x1, y1) this window owns, image coordinates
 
     @property
     def x1(self) -> int:
@@ -40,6 +37,10 @@ class Window:
     @property
     def y1(self) -> int:
         return self.y0 + self.size
+
+    def owns(self, x: float, y: float) -> bool:
+        cx0, cy0, cx1, cy1 = self.core
+        return cx0 <= x < cx1 and cy0 <= y < cy1
 
 
 def window_starts(length: int, size: int, overlap: int) -> list[int]:
@@ -54,8 +55,22 @@ def window_starts(length: int, size: int, overlap: int) -> list[int]:
     return starts
 
 
+def axis_cores(starts: list[int], length: int, size: int) -> list[tuple[float, float]]:
+    """[lo, hi) owned by each window start along one axis; together they cover [0, length)."""
+    cores = []
+    for i, start in enumerate(starts):
+        lo = 0.0 if i == 0 else (starts[i - 1] + size + start) / 2.0
+        hi = float(length) if i == len(starts) - 1 else (start + size + starts[i + 1]) / 2.0
+        cores.append((lo, hi))
+    return cores
+
+
 def windows(height: int, width: int, size: int, overlap: int) -> list[Window]:
-    return [Window(x, y, size) for y in window_starts(height, size, overlap) for x in window_starts(width, size, overlap)]
+    """Row-major windows of `size` over an image, with their cores."""
+    xs = window_starts(width, size, overlap)
+    ys = window_starts(height, size, overlap)
+    x_cores, y_cores = axis_cores(xs, width, size), axis_cores(ys, height, size)
+    return [Window(x, y, size, (cx[0], cy[0], cx[1], cy[1])) for y, cy in zip(ys, y_cores) for x, cx in zip(xs, x_cores)]
 
 
 def crop_window(image: np.ndarray, window: Window) -> np.ndarray:
@@ -83,25 +98,3 @@ def window_instances(instances: list[Instance], window: Window, min_visible: flo
         if whole or clipped.area >= min_visible * inst.area:
             kept.append(clipped)
     return kept
-
-
-def tile_split(samples, out_dir: Path, split: str, size: int, overlap: int, min_visible: float) -> dict:
-    """Write the windows of `samples` as PNGs plus one COCO json (`<split>.json`); returns counts."""
-    images_dir = out_dir / split
-    images_dir.mkdir(parents=True, exist_ok=True)
-    records, extra = [], {}
-    n_windows = n_instances = 0
-    for sample in tqdm(samples, desc=f"tile {split}", unit="image"):
-        height, width = sample.image.shape[:2]
-        for window in windows(height, width, size, overlap):
-            n_windows += 1
-            file_name = f"{sample.name}_y{window.y0:05d}_x{window.x0:05d}.png"
-            Image.fromarray(crop_window(sample.image, window)).save(images_dir / file_name)
-            instances = window_instances(sample.instances, window, min_visible)
-            n_instances += len(instances)
-            records.append(coco.ImageRecord(n_windows, f"{split}/{file_name}", window.size, window.size, instances))
-            extra[n_windows] = {"source_image": sample.name, "origin": [window.x0, window.y0], "source_size": [height, width]}
-    doc = coco.ground_truth(records, extra)
-    (out_dir / f"{split}.json").write_text(json.dumps(doc))
-    log.info("%s: %d windows, %d instances", split, n_windows, n_instances)
-    return {"windows": n_windows, "instances": n_instances}
