@@ -1,4 +1,5 @@
-"""DVC stage `train`: data/tiles/ -> models/model.pt, models/run.json, metrics/train.json, plots/train.csv.
+"""DVC stage `train`: data/tiles/ (+ the val images in data/raw) -> models/model.pt, models/run.json,
+metrics/train.json, plots/train.csv.
 
 With train.gpus > 1 the stage relaunches itself under torchrun (one process per GPU, DDP).
 """
@@ -8,17 +9,16 @@ import sys
 
 import torch
 
-from nucleiseg.config import load_params, train_config
+from nucleiseg.config import read_params
 from nucleiseg.errors import main_guard
 from nucleiseg.training import run_training
 
 
 @main_guard
 def main() -> None:
-    params = load_params()
-    gpus = int(train_config(params).gpus)
-    if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", __file__]
+    params = read_params()
+    if params.train.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={params.train.gpus}", __file__]
         os.execv(sys.executable, torchrun)
     try:
         run_training(params)

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import coco
 from .config import TrainConfig
-from .dataset import collate
+from .dataset import EpochSampler, collate, default_workers, expand_masks
 from .errors import NucleisegError
-from .inference import detections_to_instances, predict_batch
 from .io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
             name = "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise NucleisegError("params.yaml: train.device=cuda but no CUDA device is visible; use auto or cpu")
+            raise NucleisegError("params.yaml: device=cuda but no CUDA device is visible; use auto or cpu")
         return torch.device("cuda", dist.local_rank)
     return torch.device(name)
 
@@ -97,24 +96,54 @@ def build_scheduler(optimizer, cfg: TrainConfig, iters_per_epoch: int) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _frozen_norm(model: torch.nn.Module):
-    """Put BatchNorm layers in eval mode (loss on val windows must not update running stats)."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.eval()
-    return norms
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Mixed-precision dtype for `train.amp` on this device; None runs in float32 (CPU, amp off)."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, scaler=None, grad_clip: float = 0.0, show_progress: bool = True) -> dict[str, float]:
-    """One pass over `loader`; returns the mean of each loss component and 'loss'."""
+def _quiet_worker(_worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and SIGTERM to the main process, which shuts them down:
+    otherwise each worker prints its own traceback after the stage's one-line message."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def build_loader(dataset, sampler, batch_size: int, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """One loader for the whole training: its worker processes stay up between epochs and
+    keep batches prefetched while the model steps."""
+    extra = {"persistent_workers": True, "prefetch_factor": 4, "worker_init_fn": _quiet_worker} if workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       collate_fn=collate, pin_memory=pin_memory, **extra)
+
+
+def targets_to_device(target: dict, device: torch.device) -> dict:
+    moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in target.items()}
+    return expand_masks(moved)
+
+
+def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, amp_dtype: torch.dtype | None = None,
+                    scaler=None, grad_clip: float = 0.0, show_progress: bool = True) -> dict[str, float]:
+    """One pass over `loader`; returns the mean of each loss component, 'loss', and
+    'loader_wait_seconds' (time the step waited for its batch)."""
     model.train()
     totals: dict[str, float] = {}
-    steps = 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not show_progress, leave=False)
-    for images, targets in bar:
+    steps, waited = 0, 0.0
+    batches = iter(loader)
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", disable=None if show_progress else True, leave=False)
+    while True:
+        started = time.perf_counter()
+        try:
+            images, targets = next(batches)
+        except StopIteration:
+            break
+        waited += time.perf_counter() - started
         images = [img.to(device, non_blocking=True) for img in images]
-        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-        with torch.autocast(device_type=device.type, enabled=scaler is not None):
+        targets = [targets_to_device(t, device) for t in targets]
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = model(images, targets)
         loss = sum(losses.values())
         if not math.isfinite(float(loss.detach())):
@@ -138,38 +167,12 @@ def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, sca
         for k, v in losses.items():
             totals[k] = totals.get(k, 0.0) + float(v.detach())
         totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+        bar.update()
         bar.set_postfix(loss=f"{totals['loss'] / steps:.3f}")
-    return {k: v / max(steps, 1) for k, v in totals.items()}
-
-
-@torch.no_grad()
-def validation_loss(model, loader, device) -> float:
-    model.train()
-    _frozen_norm(model)
-    total, steps = 0.0, 0
-    for images, targets in loader:
-        images = [img.to(device) for img in images]
-        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-        total += float(sum(model(images, targets).values()))
-        steps += 1
-    model.eval()
-    return total / max(steps, 1)
-
-
-def validation_ap50(model, dataset, device, batch_size: int, max_dets_all: int = 3000) -> float:
-    """AP50 (all detections) of the model on the val windows against their clipped ground truth."""
-    from .metrics import coco_segm_metrics
-
-    model.eval()
-    results = []
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        outputs = predict_batch(model, [img for img, _ in items], device)
-        for (image, target), output in zip(items, outputs):
-            height, width = image.shape[-2:]
-            instances = detections_to_instances(output, height, width)
-            results += coco.results(target["image_id"], instances, height, width)
-    return coco_segm_metrics(dataset.doc, results, max_dets_all)["ap50_all"]
+    bar.close()
+    out = {k: v / max(steps, 1) for k, v in totals.items()}
+    out["loader_wait_seconds"] = waited
+    return out
 
 
 @dataclass
@@ -180,100 +183,106 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A resume checkpoint (tensors and plain data only); a damaged one is one clear error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or not {"model", "optimizer", "scheduler", "epoch", "history", "best"} <= set(ckpt):
+            raise ValueError("not a training checkpoint")
+        return ckpt
+    except Exception as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise NucleisegError(f"{path}: cannot resume from this checkpoint ({detail}); delete it to train from the start") from None
+
+
+def _better(row: dict, best: dict, select_key: str | None) -> bool:
+    """Higher val metric wins (lower train loss breaks ties); without validation, lower train loss."""
+    if select_key is None:
+        return row["train_loss"] < best["loss"]
+    if select_key not in row:
+        return False
+    return (row[select_key], -row["train_loss"]) > (best["metric"], -best["loss"])
+
+
 def fit(
     model: torch.nn.Module,
     train_set,
-    val_set,
     cfg: TrainConfig,
     device: torch.device,
     seed: int,
+    validate: Callable[[torch.nn.Module], dict] | None = None,
     checkpoint_path: Path | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
     extra_state: dict | None = None,
     dist: DistInfo | None = None,
     show_progress: bool = True,
 ) -> FitResult:
-    """Train for cfg.epochs, validating every cfg.val_every epochs; resume from checkpoint_path if present.
+    """Train for cfg.epochs, validating every cfg.val_every epochs (and at the last); resume from
+    checkpoint_path if present.
 
-    The best epoch is the one with the highest val AP50 (lowest val loss breaks ties;
-    without val windows, the lowest train loss).
+    `validate(model)` returns whole-image val metrics; the best epoch has the highest
+    `cfg.select_metric` among them. The global RNG is reseeded from (seed, epoch) at the start of
+    each epoch and augmentations draw from (seed, epoch, index), so a resumed run replays
+    exactly the epochs an uninterrupted run would have.
     """
     dist = dist or DistInfo()
     model.to(device)
-    # Each process draws its share of an epoch: all windows split by DistributedSampler, or samples_per_epoch / world_size.
-    per_rank_samples = math.ceil(cfg.samples_per_epoch / dist.world_size) if cfg.samples_per_epoch else None
-    sampler = None
-    if dist.enabled and per_rank_samples is None:
-        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
-    iters_per_epoch = math.ceil((len(sampler) if sampler is not None else (per_rank_samples or len(train_set))) / cfg.batch_size)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # training crops have one size: pick the fastest kernels once
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+    workers = default_workers() if cfg.workers == "auto" else int(cfg.workers)
+    sampler = EpochSampler(len(train_set), seed, cfg.samples_per_epoch, dist.rank, dist.world_size)
+    loader = build_loader(train_set, sampler, cfg.batch_size, workers, pin_memory=device.type == "cuda")
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, iters_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda") else None
+    scheduler = build_scheduler(optimizer, cfg, len(loader))
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    select_key = f"val_{cfg.select_metric}" if validate is not None else None
 
     start_epoch, history = 1, []
-    best = {"epoch": 0, "metric": -math.inf, "loss": math.inf, "state": copy.deepcopy(model.state_dict())}
+    best = {"epoch": 0, "metric": -math.inf, "loss": math.inf, "state": None}
     if checkpoint_path is not None and checkpoint_path.is_file():
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(checkpoint_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
         start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
+        if best["state"] is None and best["epoch"] == ckpt["epoch"]:
+            best = {**best, "state": copy.deepcopy(model.state_dict())}
         log.info("resuming from %s at epoch %d", checkpoint_path, start_epoch)
     # Wrapped after resuming: every rank loads the checkpoint, so all start from the same weights and epoch.
     train_model = model
     if dist.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    log.info("training on %s: %d windows per epoch, batch %d, %d loader workers, amp %s", device, len(sampler) * dist.world_size,
+             cfg.batch_size, workers, amp_dtype or "off")
     for epoch in range(start_epoch, cfg.epochs + 1):
         seed_everything(seed * 1000 + epoch)
-        train_set.set_epoch(epoch)
-        loader_generator = torch.Generator().manual_seed((seed * 1000 + epoch) * dist.world_size + dist.rank)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-            epoch_sampler = sampler
-        else:
-            epoch_sampler = torch.utils.data.RandomSampler(train_set, num_samples=per_rank_samples, generator=loader_generator)
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_size=cfg.batch_size, sampler=epoch_sampler, num_workers=cfg.workers,
-            collate_fn=collate, pin_memory=device.type == "cuda", generator=loader_generator,
-        )
+        sampler.set_epoch(epoch)
         started = time.perf_counter()
-        losses = train_one_epoch(train_model, optimizer, scheduler, loader, device, epoch, scaler, cfg.grad_clip, show_progress and dist.is_main)
+        losses = train_one_epoch(train_model, optimizer, scheduler, loader, device, epoch, amp_dtype, scaler, cfg.grad_clip, show_progress and dist.is_main)
         seconds = time.perf_counter() - started
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
-               "images_per_second": len(epoch_sampler) * dist.world_size / max(seconds, 1e-9)}
+               "windows_per_second": len(sampler) * dist.world_size / max(seconds, 1e-9),
+               "loader_wait_share": losses.pop("loader_wait_seconds") / max(seconds, 1e-9)}
         row.update({f"train_{k}": v for k, v in losses.items()})
-        validate = dist.is_main and val_set is not None and len(val_set) > 0 and (epoch % max(cfg.val_every, 1) == 0 or epoch == cfg.epochs)
-        if validate:
-            val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, num_workers=0, collate_fn=collate)
-            row["val_loss"] = validation_loss(model, val_loader, device)
-            row["val_ap50"] = validation_ap50(model, val_set, device, cfg.batch_size)
-            better = (row["val_ap50"], -row["val_loss"]) > (best["metric"], -best["loss"])
-            metric, loss_key = row["val_ap50"], row["val_loss"]
-        else:
-            better = val_set is None or len(val_set) == 0
-            better = better and row["train_loss"] < best["loss"]
-            metric, loss_key = best["metric"], row["train_loss"]
-        if dist.is_main and better:
-            best = {"epoch": epoch, "metric": metric, "loss": loss_key, "state": copy.deepcopy(model.state_dict())}
+        if dist.is_main and validate is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
+            started = time.perf_counter()
+            row.update({f"val_{k}": v for k, v in validate(model).items() if isinstance(v, (int, float))})
+            row["val_seconds"] = time.perf_counter() - started
+            model.train()
+        if dist.is_main and _better(row, best, select_key):
+            best = {"epoch": epoch, "metric": row.get(select_key, -math.inf) if select_key else -math.inf,
+                    "loss": row["train_loss"], "state": copy.deepcopy(model.state_dict())}
         row["best_epoch"] = best["epoch"]
         history.append(row)
         if dist.is_main:
@@ -281,14 +290,15 @@ def fit(
             if on_epoch_end is not None:
                 on_epoch_end(row)
             if checkpoint_path is not None:
+                # The best weights are stored only when they differ from the current ones.
+                kept_best = {**best, "state": None} if best["epoch"] == epoch else best
                 save_checkpoint(checkpoint_path, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch, "rng": _rng_state(),
-                    "history": history, "best": best, "config": extra_state or {},
+                    "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
+                    "history": history, "best": kept_best, "run": extra_state or {},
                 })
         if dist.enabled:
             torch.distributed.barrier()
-    if best["epoch"] == 0:
+    if best["state"] is None:
         best = {"epoch": cfg.epochs, "metric": best["metric"], "loss": best["loss"], "state": copy.deepcopy(model.state_dict())}
     return FitResult(best["epoch"], best["state"], best["metric"], history)
-

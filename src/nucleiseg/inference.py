@@ -2,13 +2,11 @@
 
 torchvision pastes every 28x28 mask into a full-window probability map
 (N x H x W floats: ~1 GB for 1000 detections on a 512 window). Here the model
-returns the raw 28x28 masks (`raw_masks`) and each one is resized into its
+returns the raw 28x28 masks (`model.raw_mask_outputs`) and each one is resized into its
 box, so memory grows with the nuclei, not with window area x detections.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -19,18 +17,6 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from .masks import Instance
 
 SCORE_MODES = ("detector", "mask_weighted")
-
-
-@contextmanager
-def raw_masks(model):
-    """While active, the model's outputs keep 'masks' as N x 1 x 28 x 28 probabilities."""
-    transform = model.transform
-    previous = transform.paste_masks
-    transform.paste_masks = False
-    try:
-        yield model
-    finally:
-        transform.paste_masks = previous
 
 
 def detections_to_instances(
@@ -45,7 +31,7 @@ def detections_to_instances(
 ) -> list[Instance]:
     """Instances (cropped masks, image coordinates = window + offset) from one output dict.
 
-    `detection['masks']` are raw N x 1 x M x M probabilities (the model run under `raw_masks`).
+    `detection['masks']` are raw N x 1 x M x M probabilities (the model run under `model.raw_mask_outputs`).
     score_mode 'mask_weighted' multiplies the detector score by the mean mask
     probability inside the mask: confident, crisp masks rank first.
     """
@@ -84,9 +70,11 @@ def detections_to_instances(
 
 
 @torch.inference_mode()
-def predict_batch(model, images: list[torch.Tensor], device) -> list[dict]:
+def predict_batch(model, images: list[torch.Tensor], device, score_threshold: float | None = None) -> list[dict]:
     """Model outputs (raw masks, on CPU) for a batch of 3 x H x W float images."""
-    with raw_masks(model):
+    from .model import raw_mask_outputs
+
+    with raw_mask_outputs(model, score_threshold):
         outputs = model([img.to(device, non_blocking=True) for img in images])
     return [{k: v.cpu() for k, v in out.items()} for out in outputs]
 

@@ -208,22 +208,36 @@ def aji(gt: list[Instance], pred: list[Instance]) -> float:
     return _aji(_overlaps(gt, pred))
 
 
+def _image_metrics(ov: _Overlaps, iou_threshold: float) -> dict:
+    m = _match(ov, iou_threshold)
+    return {"tp": m.tp, "fp": m.fp, "fn": m.fn, "precision": m.precision, "recall": m.recall, "f1": m.f1,
+            "aji": _aji(ov), "pq": m.pq, "dq": m.dq, "sq": m.sq}
+
+
 def image_metrics(gt: list[Instance], pred: list[Instance], iou_threshold: float = 0.5) -> dict:
     """{'tp','fp','fn','precision','recall','f1','aji','pq','dq','sq'} for one image."""
-    ov = _overlaps(gt, pred)
-    m = _match(ov, iou_threshold)
-    return {
-        "tp": m.tp,
-        "fp": m.fp,
-        "fn": m.fn,
-        "precision": m.precision,
-        "recall": m.recall,
-        "f1": m.f1,
-        "aji": _aji(ov),
-        "pq": m.pq,
-        "dq": m.dq,
-        "sq": m.sq,
-    }
+    return _image_metrics(_overlaps(gt, pred), iou_threshold)
+
+
+def _keep_predictions(ov: _Overlaps, keep: np.ndarray) -> _Overlaps:
+    """The overlaps of the predictions where `keep` is true, renumbered."""
+    new_index = np.cumsum(keep) - 1
+    pairs = keep[ov.cols]
+    return _Overlaps(ov.gt_area, ov.pred_area[keep], ov.rows[pairs], new_index[ov.cols[pairs]], ov.inter[pairs])
+
+
+def score_sweep(gt: list[list[Instance]], pred: list[list[Instance]], thresholds, iou_threshold: float = 0.5) -> list[dict]:
+    """Pooled metrics (see `summarize`) of the predictions scoring >= t, for each t in `thresholds`.
+
+    Mask overlaps are computed once per image; each threshold only drops predictions.
+    """
+    overlaps = [_overlaps(g, p) for g, p in zip(gt, pred)]
+    scores = [np.array([inst.score for inst in p], dtype=np.float64) for p in pred]
+    rows = []
+    for t in thresholds:
+        per_image = [_image_metrics(_keep_predictions(ov, s >= t), iou_threshold) for ov, s in zip(overlaps, scores)]
+        rows.append({"score_threshold": float(t), **summarize(per_image)})
+    return rows
 
 
 def summarize(per_image: list[dict]) -> dict:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -27,7 +29,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .config import ModelConfig
+from .config import ModelConfig, model_config_from_dict
 from .errors import NucleisegError
 
 log = logging.getLogger(__name__)
@@ -54,22 +56,34 @@ WEIGHT_CHOICES = ("auto", "coco", "imagenet", "none")
 
 
 class WindowTransform(GeneralizedRCNNTransform):
-    """Normalises and batches like torchvision, but never rescales unless min_size is set.
+    """Normalises and batches like torchvision, but resizes only by `input_scale` (or min_size when set).
 
     torchvision's default rescales every input so its short side is 800 px: a 512 px
-    window of 8-30 px nuclei would be blown up 1.6x, costing memory and changing scale
-    between training crops and inference windows.
+    window of 8-30 px nuclei would be blown up 1.6x in inference but not in training
+    crops. Here a window is scaled by one fixed factor (`model.input_scale`), the same
+    in training and inference, and boxes are mapped back by `postprocess`.
     """
 
-    def __init__(self, *args, resize: bool, **kwargs):
+    def __init__(self, *args, resize: bool, input_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.enable_resize = resize
-        # False: outputs keep the raw 28x28 mask probabilities (see inference.raw_masks).
+        self.input_scale = float(input_scale)
+        # False while `raw_mask_outputs` is active: outputs keep the raw 28x28 mask probabilities.
         self.paste_masks = True
 
     def resize(self, image, target=None):
         if self.enable_resize:
             return super().resize(image, target)
+        if self.input_scale == 1.0:
+            return image, target
+        height, width = image.shape[-2:]
+        size = [max(1, round(height * self.input_scale)), max(1, round(width * self.input_scale))]
+        image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=self.input_scale < 1)[0]
+        if target is not None:
+            target = dict(target)
+            target["boxes"] = resize_boxes(target["boxes"], (height, width), size)
+            if "masks" in target:
+                target["masks"] = torch.nn.functional.interpolate(target["masks"][:, None].float(), size=size, mode="nearest")[:, 0].byte()
         return image, target
 
     def postprocess(self, result, image_shapes, original_image_sizes):
@@ -78,6 +92,22 @@ class WindowTransform(GeneralizedRCNNTransform):
         for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
             pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
         return result
+
+
+@contextmanager
+def raw_mask_outputs(model: MaskRCNN, score_threshold: float | None = None):
+    """While active, outputs keep 'masks' as N x 1 x 28 x 28 probabilities (pasted per box by
+    `inference.detections_to_instances`, not into N full-size maps) and, if given, the
+    detector keeps boxes above `score_threshold`. The model is restored afterwards."""
+    transform, heads = model.transform, model.roi_heads
+    previous = transform.paste_masks, heads.score_thresh
+    transform.paste_masks = False
+    if score_threshold is not None:
+        heads.score_thresh = score_threshold
+    try:
+        yield model
+    finally:
+        transform.paste_masks, heads.score_thresh = previous
 
 
 def _resolve_weights(cfg: ModelConfig) -> tuple[object | None, object | None, Path | None]:
@@ -149,8 +179,22 @@ def _set_transform(model: MaskRCNN, cfg: ModelConfig) -> None:
     old = model.transform
     resize = cfg.min_size is not None
     model.transform = WindowTransform(
-        cfg.min_size or 512, cfg.max_size or 100_000, old.image_mean, old.image_std, resize=resize
+        cfg.min_size or 512, cfg.max_size or 100_000, old.image_mean, old.image_std, resize=resize, input_scale=cfg.input_scale
     )
+
+
+def _norm_layer(cfg: ModelConfig, pretrained: bool):
+    """The backbone's normalisation. auto: frozen BN over pretrained statistics (what
+    torchvision does), trainable BN from scratch (identity statistics blow up when frozen)."""
+    norm = cfg.norm
+    if norm == "auto":
+        norm = "frozen" if pretrained else "batchnorm"
+    if norm == "frozen":
+        return FrozenBatchNorm2d
+    if norm == "batchnorm":
+        return torch.nn.BatchNorm2d
+    # GroupNorm does not depend on the batch: steadier with 2-4 windows per step than BN.
+    return lambda channels: torch.nn.GroupNorm(32, channels)
 
 
 def build_model(cfg: ModelConfig) -> MaskRCNN:
@@ -161,10 +205,12 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         raise NucleisegError(f"params.yaml: model.anchor_sizes needs 5 sizes (one per FPN level), got {cfg.anchor_sizes}")
     spec = REGISTRY[cfg.backbone]
     coco_weights, imagenet_weights, local_file = _resolve_weights(cfg)
+    if cfg.norm in ("groupnorm", "batchnorm") and (coco_weights or imagenet_weights):
+        raise NucleisegError(f"params.yaml: model.norm={cfg.norm} cannot hold the pretrained BatchNorm statistics of model.weights={cfg.weights}; use model.norm=auto or model.weights=none")
     ensure_weights_available(coco_weights)
     ensure_weights_available(imagenet_weights)
     kwargs = _common_kwargs(cfg)
-    if spec.builder is not None:
+    if coco_weights is not None or (spec.builder is not None and cfg.norm == "auto"):
         model = spec.builder(
             weights=coco_weights,
             weights_backbone=imagenet_weights,
@@ -174,10 +220,9 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         )
     else:
         backbone = resnet_fpn_backbone(
-            backbone_name=cfg.backbone,
+            backbone_name=cfg.backbone.removesuffix("_v2"),
             weights=imagenet_weights,
-            # Like torchvision's R50 builder: frozen BN only over pretrained statistics (identity stats blow up from scratch).
-            norm_layer=FrozenBatchNorm2d if imagenet_weights is not None else torch.nn.BatchNorm2d,
+            norm_layer=_norm_layer(cfg, pretrained=imagenet_weights is not None),
             trainable_layers=cfg.trainable_backbone_layers if imagenet_weights is not None else 5,
         )
         model = MaskRCNN(backbone, num_classes=NUM_CLASSES, **kwargs)
@@ -193,18 +238,26 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     return model
 
 
+def _load_tensors(path: Path, what: str):
+    """torch.load restricted to tensors and plain data: a model file never runs code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise NucleisegError(f"{path}: refused: the file holds Python objects besides tensors and plain data, and loading it could run code; "
+                             f"use a {what} written by nucleiseg (or a plain state dict)") from None
+    except Exception as exc:
+        raise NucleisegError(f"{path}: cannot load ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); is it a {what}?") from None
+
+
 def load_weights_file(model: MaskRCNN, path: Path) -> None:
     """Weights from a file: a checkpoint dict ('model' key) or a bare state dict; heads of other shapes are skipped."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise NucleisegError(f"{path}: cannot load weights ({type(exc).__name__}: {exc})") from None
+    state = _load_tensors(path, "weights file (.pt/.pth)")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
         raise NucleisegError(f"{path}: not a state dict or a checkpoint with a 'model' entry")
     own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    usable = {k: v for k, v in state.items() if k in own and torch.is_tensor(v) and own[k].shape == v.shape}
     if not usable:
         raise NucleisegError(f"{path}: no tensor matches this {type(model).__name__}; is it a Mask R-CNN checkpoint of the same backbone?")
     skipped = sorted(set(state) - set(usable))
@@ -218,14 +271,15 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     path = Path(path)
     if not path.is_file():
         raise NucleisegError(f"{path}: no trained model; run the train stage first (dvc repro train)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise NucleisegError(f"{path}: cannot load ({type(exc).__name__}: {exc}); re-run the train stage") from None
+    ckpt = _load_tensors(path, "nucleiseg model file (models/model.pt)")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise NucleisegError(f"{path}: not a nucleiseg model file (needs 'model' and 'model_config')")
-    cfg = ModelConfig(**{**ckpt["model_config"], "weights": "none"})
+    cfg = model_config_from_dict({**ckpt["model_config"], "weights": "none"}, str(path))
     model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise NucleisegError(f"{path}: its weights do not fit the model its config describes ({first}); the file is damaged or was edited, retrain it") from None
     model.to(device).eval()
     return model, ckpt

@@ -5,10 +5,16 @@ The infer stage and `nucleiseg predict` both go through `Predictor.predict`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from . import coco
 
 from .config import InferConfig
+from .data import read_rgb
 from .inference import detections_to_instances, predict_batch, to_tensor
 from .masks import Instance
 from .stitch import deduplicate, merge_windows
@@ -29,12 +35,13 @@ def _unflip(inst: Instance, hflip: bool, vflip: bool, size: int) -> Instance:
 
 
 class Predictor:
+    """Whole-image instances from a model in eval mode on `device`; the model is not changed
+    (the detector's score threshold is set only for the duration of each forward pass)."""
+
     def __init__(self, model: torch.nn.Module, cfg: InferConfig, device: torch.device | str = "cpu"):
-        self.model = model.eval().to(device)
+        self.model = model
         self.cfg = cfg
         self.device = torch.device(device)
-        # The detector's own threshold is the first filter; mask-weighted scores are computed after.
-        self.model.roi_heads.score_thresh = cfg.score_threshold
 
     def _to_instances(self, output: dict, size: int, offset=(0, 0)) -> list[Instance]:
         cfg = self.cfg
@@ -55,7 +62,7 @@ class Predictor:
                     if vflip:
                         tensor = tensor.flip(-2)
                     tensors.append(tensor)
-                outputs = predict_batch(self.model, tensors, self.device)
+                outputs = predict_batch(self.model, tensors, self.device, self.cfg.score_threshold)
                 for k, output in enumerate(outputs):
                     found = self._to_instances(output, size)
                     per_crop[start + k] += [_unflip(inst, hflip, vflip, size) for inst in found]
@@ -68,7 +75,7 @@ class Predictor:
         height, width = image.shape[:2]
         if self.cfg.whole_image:
             size = max(height, width)
-            window = Window(0, 0, size)
+            window = Window(0, 0, size, (0.0, 0.0, float(width), float(height)))
             (found,) = self._predict_windows([crop_window(image, window)], size)
             found = [inst.clip(0, 0, width, height) for inst in found]
             return deduplicate([i for i in found if i is not None], self.cfg.dedup_iou, self.cfg.dedup_ios)
@@ -80,4 +87,13 @@ class Predictor:
             # Padding (image smaller than the window) holds no nuclei: clip to the image.
             clipped = [inst.clip(0, 0, min(size, width - window.x0), min(size, height - window.y0)) for inst in instances]
             per_window.append((window, [inst.shifted(window.x0, window.y0) for inst in clipped if inst is not None]))
-        return merge_windows(per_window, height, width, size, overlap, self.cfg.dedup_iou, self.cfg.dedup_ios)
+        return merge_windows(per_window, self.cfg.dedup_iou, self.cfg.dedup_ios)
+
+
+def predict_files(predictor: Predictor, items: list[tuple[int, Path]], desc: str) -> list[dict]:
+    """COCO results (every detection, best first per image) for (image_id, path) items."""
+    results = []
+    for image_id, path in tqdm(items, desc=desc, unit="image", disable=None):
+        image = read_rgb(path)
+        results += coco.results(image_id, predictor.predict(image), *image.shape[:2])
+    return results
