@@ -1,9 +1,26 @@
 """MLflow: one run per trained model; later stages log into the same run.
 
-All state lives under `<repo>/mlruns/` (a SQLite store plus an artifacts
-folder), resolved from DVC_ROOT so `dvc exp run --temp/--queue`, which run in a
-throw-away copy, still land their runs in the real repository. A set
-MLFLOW_TRACKING_URI (e.g. a team server) wins.
+All state lives under `<repo>/mlruns/` (a SQLite store `mlflow.db` plus an
+`artifacts/` folder), resolved from DVC_ROOT so `dvc exp run --temp/--queue`,
+which run in a throw-away copy, still land their runs in the real repository.
+A set MLFLOW_TRACKING_URI (e.g. a team server) wins.
+
+Three things MLflow does not do for a per-repository SQLite store, done here:
+
+- Safe first use. MLflow creates and migrates a missing SQLite store in whichever
+  process opens it first, without a lock: two stages (or `dvc exp run --queue` jobs)
+  starting together both migrate, and one fails (`duplicate column name: step`) or the
+  store is left half-migrated. `configure()` opens the store and finds or creates the
+  experiment while holding an exclusive `flock` on `mlruns/.store.lock`.
+- Clear errors. A corrupt `mlflow.db`, or a run id the store does not know, is one
+  NucleisegError that says what to do, not a SQLAlchemy traceback (`check_run`).
+- Artifacts follow the repository. MLflow stores absolute artifact locations (in the
+  experiment row, and in each run and logged model when it is created) and has no API to
+  change them. A copied or moved repository would keep logging into the original's
+  `mlruns/artifacts`. `configure()` therefore rewrites those locations in the store's
+  own rows when they point into another repository's `mlruns/artifacts` (see
+  `follow_repository`): the store file is per repository, so this never touches the
+  original's store.
 """
 
 from __future__ import annotations
@@ -11,24 +28,68 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import sqlite3
 import subprocess
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; first use is then unguarded, as in plain MLflow
+    fcntl = None
+
+from .errors import NucleisegError
 from .io import repo_root
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "nucleiseg"
 
+# Experiment tags set at creation (and added to an existing experiment when missing).
+# `mlflow.experimentKind`: without it MLflow 3's UI guesses the kind from the contents and
+# may open the GenAI view (traces, prompts); this value opens the classic "Runs" table
+# with the model-training side bar. `mlflow.note.content`: the experiment's description,
+# shown above the runs table.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "Nuclei instance segmentation with Mask R-CNN: one run per trained model. The train stage "
+        "creates the run (params, per-epoch train/ metrics, weights, model); the evaluate stage adds "
+        "val/ metrics (val/ap50 = leaderboard-style AP50 with the top 100 detections per image; "
+        "val/ap50_all, val/f1, val/aji, val/pq) and overlays.\n\n"
+        "Run names read `<DVC experiment or backbone> · <backbone> · <data source>`. To compare runs, "
+        "add the columns val/ap50 and the tags backbone and data_source (Columns button), or run "
+        "`python -m nucleiseg report` for the results table in reports/results.md. "
+        "Runs with data_source=synthetic are the offline demo, not results on the homework data."
+    ),
+}
+
+# (table, column) pairs of MLflow's SQL schema that hold absolute artifact locations.
+ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+)
+
 
 def store_dir() -> Path:
     return repo_root() / "mlruns"
 
 
+def store_db() -> Path:
+    return store_dir() / "mlflow.db"
+
+
+def artifact_root_uri() -> str:
+    """Where this repository's runs keep their artifacts: file:///<repo>/mlruns/artifacts."""
+    return (store_dir() / "artifacts").as_uri()
+
+
 def local_store_uri() -> str:
     """The project's own store: SQLite under <repo>/mlruns."""
-    return f"sqlite:///{store_dir() / 'mlflow.db'}"
+    return f"sqlite:///{store_db()}"
 
 
 def tracking_uri() -> str:
@@ -39,22 +100,188 @@ def uses_local_store() -> bool:
     return tracking_uri() == local_store_uri()
 
 
+def store_label() -> str:
+    """The store as the user sees it: `mlruns/mlflow.db` from the repo root, else its full path."""
+    if not uses_local_store():
+        from urllib.parse import urlparse
+
+        parsed = urlparse(tracking_uri())  # no credentials or paths of a server URI in messages
+        return f"the tracking server {parsed.scheme}://{parsed.hostname or ''}{f':{parsed.port}' if parsed.port else ''}"
+    try:
+        return str(store_db().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(store_db())
+
+
+@contextmanager
+def store_lock():
+    """Exclusive flock on mlruns/.store.lock: one process at a time creates/migrates the store.
+
+    flock is released by the kernel when the process dies, so a killed stage never leaves
+    the store locked.
+    """
+    store_dir().mkdir(parents=True, exist_ok=True)
+    with open(store_dir() / ".store.lock", "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _broken_store(reason: str) -> NucleisegError:
+    label = store_label()
+    return NucleisegError(
+        f"{label}: cannot open the MLflow store ({reason}); move it aside to start a fresh store "
+        f"(mv {label} {label}.broken; the runs in it are then no longer listed)"
+    )
+
+
+def _store_error(exc: Exception) -> NucleisegError:
+    """One line for an exception raised while MLflow opens (creates, migrates) the store."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "out-of-date database schema" in text:  # an older MLflow's store, or a half-finished migration
+        label = store_label()
+        return NucleisegError(
+            f"{label}: the MLflow store's schema is not the one this MLflow uses; back it up and upgrade it "
+            f"(mlflow db upgrade {tracking_uri()}), or move it aside to start a fresh store (mv {label} {label}.broken)"
+        )
+    if not uses_local_store():
+        return NucleisegError(f"cannot reach {store_label()} (MLFLOW_TRACKING_URI): {first}")
+    return _broken_store(first)
+
+
+def _experiment(client, name: str):
+    """Find or create experiment `name`; a concurrent creator's RESOURCE_ALREADY_EXISTS means re-read it."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            client.create_experiment(
+                name, artifact_location=artifact_root_uri() if uses_local_store() else None, tags=EXPERIMENT_TAGS
+            )
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage != "active":
+        raise NucleisegError(
+            f"MLflow experiment '{name}' in {store_label()} is deleted; restore it: "
+            f"mlflow experiments restore --experiment-id {experiment.experiment_id}"
+        )
+    return experiment
+
+
+def _add_missing_tags(client, experiment) -> None:
+    """Experiments made before EXPERIMENT_TAGS existed get them; tags a user edited are kept."""
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
+def _rewrite_prefix(conn: sqlite3.Connection, old: str, new: str) -> None:
+    """Replace the location prefix `old` by `new` in every artifact column (tables that exist)."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    for table, column in ARTIFACT_COLUMNS:
+        if table not in tables or column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+            continue
+        conn.execute(
+            f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+            (new, len(old) + 1, old, len(old) + 1, old + "/"),
+        )
+
+
+def follow_repository(experiment) -> None:
+    """Point the store's artifact locations at this repository's mlruns/artifacts.
+
+    MLflow resolves an experiment's artifact location once, at creation, to an absolute
+    URI, and copies it into each run (`runs.artifact_uri`) and logged model; there is no
+    per-run artifact location and no API to update an experiment's. After the repository
+    was copied or moved, the store in it still names `<old repo>/mlruns/artifacts`, so new
+    runs, and stages reopening an old run, would write into the old repository. When the
+    experiment's location is another repository's `.../mlruns/artifacts`, every location
+    under it is rewritten (one SQL transaction) to this repository's: the copied
+    artifacts are found again and new ones land here. A location that is not a
+    `mlruns/artifacts` folder (set on purpose, e.g. S3) is left alone.
+    """
+    old, new = experiment.artifact_location, artifact_root_uri()
+    if old == new or not (old.startswith("file://") and old.endswith("/mlruns/artifacts")):
+        return
+    log.info("MLflow store was made at %s: artifact locations now point to %s", old, new)
+    with closing(sqlite3.connect(store_db(), timeout=60)) as conn, conn:
+        _rewrite_prefix(conn, old, new)
+
+
 def configure(experiment: str = EXPERIMENT) -> str:
-    """Point MLflow at this project's store; returns the experiment id."""
+    """Point MLflow at this project's store; returns the experiment id.
+
+    Locally, the store is opened (created and migrated on first use) and the experiment
+    found or created under `store_lock()`, so concurrent stages cannot corrupt a new store.
+    """
     import mlflow
 
     uri = tracking_uri()
-    local_store = uses_local_store()
-    if local_store:
-        store_dir().mkdir(parents=True, exist_ok=True)
     # Note: set_tracking_uri also exports MLFLOW_TRACKING_URI to this process's environment.
     mlflow.set_tracking_uri(uri)
-    # Absolute: the default (./mlruns of the cwd) is lost with dvc exp run --temp's copy.
-    artifact_location = (store_dir() / "artifacts").as_uri() if local_store else None
-    existing = mlflow.get_experiment_by_name(experiment)
-    if existing is not None:
-        return existing.experiment_id
-    return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+    if not uses_local_store():
+        return _open(uri, experiment).experiment_id
+    with store_lock():
+        found = _open(uri, experiment)
+        follow_repository(found)
+    return found.experiment_id
+
+
+def _open(uri: str, name: str):
+    """The experiment, with MLflow's store errors as NucleisegError.
+
+    The first MlflowClient for `uri` in a process builds the store (MLflow caches it):
+    creates the tables, migrates, checks the schema version.
+    """
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(uri)
+        found = _experiment(client, name)
+        _add_missing_tags(client, found)
+    except NucleisegError:
+        raise
+    except Exception as exc:  # sqlalchemy / alembic / MlflowException / connection errors
+        raise _store_error(exc) from exc
+    return found
+
+
+RERUN_TRAIN = "re-run the train stage to make a new run: dvc repro -f train"
+
+
+def check_run(run_id: str, fix: str = RERUN_TRAIN) -> None:
+    """Fail with one clear line if run `run_id` cannot be reopened; never creates a store.
+
+    Stages that log into an earlier stage's run (evaluate: models/run.json) call this
+    before writing any output, so a deleted or moved store fails fast instead of MLflow
+    creating an empty store and then raising `Run with id=... not found`. `fix` says what
+    to do instead (the default suits evaluate).
+    """
+    if uses_local_store() and not store_db().is_file():
+        raise NucleisegError(f"run {run_id} is not in {store_label()}: the store does not exist (deleted or moved?); {fix}")
+    configure()
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(tracking_uri()).get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise _store_error(exc) from exc
+        where = f"{store_label()} (deleted or moved store?)" if uses_local_store() else f"{store_label()} (MLFLOW_TRACKING_URI)"
+        raise NucleisegError(f"run {run_id} is not in {where}; {fix}") from None
+    if run.info.lifecycle_stage != "active":
+        raise NucleisegError(
+            f"run {run_id} is deleted in {store_label()}; restore it (mlflow runs restore --run-id {run_id}) or {fix}"
+        )
 
 
 def git_commit(root: Path) -> str | None:
@@ -65,12 +292,39 @@ def git_commit(root: Path) -> str | None:
     return out.stdout.strip() or None
 
 
-def run_tags(backbone: str, device: str) -> dict[str, str]:
+def data_source_label(source: str | None) -> str:
+    """A short, path-free name for data.source: 'synthetic', 'gdrive:<id>', or the zip/folder name."""
+    if not source:
+        return ""
+    source = str(source).strip()
+    if source == "synthetic" or source.startswith("gdrive:"):
+        return source
+    from .download import drive_file_id
+
+    try:
+        file_id = drive_file_id(source)
+    except NucleisegError:
+        return "gdrive"
+    if file_id:
+        return f"gdrive:{file_id}"
+    return Path(source.rstrip("/\\")).name or source
+
+
+def run_tags(backbone: str, device: str, data_source: str | None = None) -> dict[str, str]:
+    """Tags of a new training run.
+
+    In the MLflow UI's runs table, tags can be shown as columns (Columns button) and used to
+    group and filter runs: `backbone`, `data_source` (e.g. 'synthetic' for the offline demo,
+    the zip's name, 'gdrive:<id>' for the homework data; `data_source_label` shortens a
+    path), `device`, the DVC experiment name/baseline revision and the git commit (which
+    the UI shows as the run's source version). The run page lists them all.
+    """
     import torch
     import torchvision
 
     tags = {
         "backbone": backbone,
+        "data_source": data_source_label(data_source),
         "device": device,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
@@ -85,16 +339,44 @@ def run_tags(backbone: str, device: str) -> dict[str, str]:
     return {k: v for k, v in tags.items() if v != ""}
 
 
-def run_name(backbone: str) -> str:
-    """The DVC experiment name when there is one, else the backbone."""
-    return os.environ.get("DVC_EXP_NAME") or backbone
+def run_name(backbone: str, data_source: str | None = None) -> str:
+    """The DVC experiment name when there is one, else the backbone; with `data_source`,
+    '<name> · <backbone> · <data label>', so the UI's always-visible Run Name column tells
+    demo runs from real ones without picking columns."""
+    name = os.environ.get("DVC_EXP_NAME") or backbone
+    if not data_source:
+        return name
+    parts = [name] + ([backbone] if name != backbone else []) + [data_source_label(data_source)]
+    return " · ".join(parts)
+
+
+def log_dataset(data_source: str) -> None:
+    """Record the data as the run's training dataset (call inside the run).
+
+    The MLflow UI's runs table shows a Dataset column by default (tags and metrics only
+    when picked), so this puts 'synthetic' / 'nuclei-hw3-train.zip' / 'gdrive:<id>' on the
+    first screen. A metadata-only dataset: nothing is uploaded. Logging it again (resumed
+    run) adds nothing.
+    """
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    label = data_source_label(data_source)
+    mlflow.log_input(MetaDataset(CodeDatasetSource({"data_source": label}), name=label), context="training")
 
 
 @contextmanager
-def active_run(run_id: str | None = None, name: str | None = None, tags: dict | None = None):
-    """Start (or reopen by id) a run; an exception marks it FAILED and propagates."""
+def active_run(run_id: str | None = None, name: str | None = None, tags: dict | None = None, fix: str = RERUN_TRAIN):
+    """Start (or reopen by id) a run; an exception marks it FAILED and propagates.
+
+    Reopening checks the run first (`check_run(run_id, fix)`): a missing store is an
+    error, never silently created empty.
+    """
     import mlflow
 
+    if run_id:
+        check_run(run_id, fix)
     experiment_id = configure()
     run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=name, tags=tags)
     try:
@@ -120,8 +402,24 @@ def pip_requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}", "numpy"]
 
 
+PICKLE_WARNING = "Saving pytorch model by Pickle or CloudPickle format"
+
+
+class _DropPickleWarning(logging.Filter):
+    """MLflow's advice to use pt2 cannot be followed (pt2 export fails on Mask R-CNN)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(PICKLE_WARNING)
+
+
 def log_model(model, name: str = "model") -> None:
     """The model as an MLflow pytorch flavour (pickle: the default pt2 export fails on Mask R-CNN)."""
     import mlflow.pytorch
 
-    mlflow.pytorch.log_model(model.cpu(), name=name, serialization_format="pickle", pip_requirements=pip_requirements())
+    mlflow_log = logging.getLogger("mlflow.pytorch")
+    quiet = _DropPickleWarning()
+    mlflow_log.addFilter(quiet)
+    try:
+        mlflow.pytorch.log_model(model.cpu(), name=name, serialization_format="pickle", pip_requirements=pip_requirements())
+    finally:
+        mlflow_log.removeFilter(quiet)
