@@ -22,10 +22,15 @@ from nucleiseg.report import format_duration, write_report
 
 RUNS = {
     # name: (backbone, weights, epochs, metrics)
+    # exp-r101 is an older run: no train/stage_seconds, no data_source tag (only the data.source param).
     "exp-r101": ("resnet101", "imagenet", 40, {"val/ap50": 0.2346, "val/ap50_all": 0.61, "val/f1": 0.7, "val/aji": 0.55, "val/pq": 0.5,
                                                 "train/best_epoch": 31, "train/train_seconds": 3725.0}),
     "exp-r50": ("resnet50", "coco", 80, {"val/ap50": 0.2512, "val/ap50_all": 0.7, "val/f1": 0.8, "val/aji": 0.6, "val/pq": 0.65,
-                                          "train/best_epoch": 77, "train/train_seconds": 754.0}),
+                                          "train/best_epoch": 77, "train/train_seconds": 754.0, "train/stage_seconds": 800.0}),
+}
+DATA = {  # name: (data.source param, data_source tag or None)
+    "exp-r101": ("/home/someone/data/nuclei-hw3-train.zip", None),
+    "exp-r50": ("synthetic", "synthetic"),
 }
 
 
@@ -48,8 +53,10 @@ def log_runs(with_artifacts: bool, tmp_path: Path) -> dict[str, str]:
 
     ids = {}
     for name, (backbone, weights, epochs, metrics) in RUNS.items():
-        with tracking.active_run(name=name, tags={"backbone": backbone}) as run:
-            tracking.log_params({"backbone": backbone, "model.weights": weights, "train.epochs": epochs})
+        source, source_tag = DATA[name]
+        tags = {"backbone": backbone} | ({"data_source": source_tag} if source_tag else {})
+        with tracking.active_run(name=name, tags=tags) as run:
+            tracking.log_params({"backbone": backbone, "model.weights": weights, "train.epochs": epochs, "data.source": source})
             mlflow.log_metrics(metrics)
             if with_artifacts:
                 import torch
@@ -85,11 +92,21 @@ def test_report_table_from_runs(store, capsys, monkeypatch):
     assert "R50 **0.206**" in text and "R101 **0.142**" in text
     rows = [line for line in text.splitlines() if line.startswith("| exp-") or line.startswith("| crashed") or line.startswith("| not-")]
     assert len(rows) == 2
+    header = next(line for line in text.splitlines() if line.startswith("| run |"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "run", "run id", "data", "backbone", "weights", "epochs", "best epoch", "AP50", "AP50 (all dets)", "F1", "AJI", "PQ",
+        "train stage time", "finished"]
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
-    assert cells[0][:11] == ["exp-r50", f"`{ids['exp-r50'][:8]}`", "resnet50", "coco", "80", "77", "0.251", "0.700", "0.800", "0.600", "0.650"]
-    assert cells[1][:11] == ["exp-r101", f"`{ids['exp-r101'][:8]}`", "resnet101", "imagenet", "40", "31", "0.235", "0.610", "0.700", "0.550", "0.500"]
-    assert (cells[0][11], cells[1][11]) == ("12m 34s", "1h 02m")
-    assert all(len(c[12]) == len("2026-01-01 12:00") for c in cells)
+    # Full run ids (for runs:/<id>/model); data from the data_source tag, else the data.source param's file name.
+    assert all(len(ids[name]) == 32 for name in ids)
+    assert cells[0][:12] == ["exp-r50", f"`{ids['exp-r50']}`", "synthetic", "resnet50", "coco", "80", "77",
+                             "0.251", "0.700", "0.800", "0.600", "0.650"]
+    assert cells[1][:12] == ["exp-r101", f"`{ids['exp-r101']}`", "nuclei-hw3-train.zip", "resnet101", "imagenet", "40", "31",
+                             "0.235", "0.610", "0.700", "0.550", "0.500"]
+    # The stage's wall time when logged; an older run's loop time says so.
+    assert (cells[0][12], cells[1][12]) == ("13m 20s", "1h 02m (loops only)")
+    assert all(len(c[13]) == len("2026-01-01 12:00") for c in cells)
+    assert "/home/someone" not in text
 
 
 def test_report_without_runs_is_a_clear_error(store, tmp_path):
@@ -158,6 +175,10 @@ def test_mlflow_ui_serves_the_project_store(store):
 
         experiment = get_json(f"{api}/experiments/get-by-name?experiment_name={tracking.EXPERIMENT}")["experiment"]
         assert experiment["artifact_location"] == (store / "mlruns" / "artifacts").as_uri()
+        # The UI opens the classic runs table (not the GenAI view) and shows the description.
+        experiment_tags = {t["key"]: t["value"] for t in experiment["tags"]}
+        assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
+        assert "val/ap50" in experiment_tags["mlflow.note.content"]
         runs = get_json(f"{api}/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
         by_backbone = {}
         for run in runs:

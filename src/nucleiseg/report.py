@@ -19,13 +19,20 @@ from .io import atomic_path
 BASELINES = {"R50": 0.206, "R101": 0.142}
 
 METRICS = ("ap50", "ap50_all", "f1", "aji", "pq")
-COLUMNS = ["run", "run id", "backbone", "weights", "epochs", "best epoch", "AP50", "AP50 (all dets)", "F1", "AJI", "PQ", "train time", "finished"]
+LEAD_COLUMNS = ["run", "run id", "data", "backbone", "weights", "epochs", "best epoch"]
+METRIC_COLUMNS = ["AP50", "AP50 (all dets)", "F1", "AJI", "PQ"]
+TAIL_COLUMNS = ["train stage time", "finished"]
+COLUMNS = LEAD_COLUMNS + METRIC_COLUMNS + TAIL_COLUMNS
+# Runs logged before the train stage recorded its wall time (train/stage_seconds) only have
+# the training loops' time; their cells say so.
+LOOPS_ONLY = " (loops only)"
 
 
 @dataclass
 class Row:
     run_name: str
     run_id: str
+    data_source: str
     backbone: str
     weights: str
     epochs: str
@@ -34,6 +41,7 @@ class Row:
     train_seconds: float | None
     end_time_ms: int | None
     test_ap50: float | None = None
+    train_loops_only: bool = False  # train_seconds counts the training loops only, not the whole stage
 
 
 def format_duration(seconds: float | None) -> str:
@@ -91,28 +99,37 @@ def collect_runs(experiment: str = tracking.EXPERIMENT) -> list[Row]:
         if "val/ap50" not in metrics:
             continue
         best = metrics.get("train/best_epoch")
+        stage_seconds = metrics.get("train/stage_seconds")
         rows.append(
             Row(
                 run_name=run.info.run_name or "",
                 run_id=run.info.run_id,
+                data_source=data_source(tags, params),
                 backbone=tags.get("backbone") or params.get("backbone", ""),
                 weights=params.get("model.weights", ""),
                 epochs=params.get("train.epochs", ""),
                 best_epoch=int(best) if best is not None else None,
                 metrics={k: metrics[f"val/{k}"] for k in METRICS if f"val/{k}" in metrics},
-                train_seconds=metrics.get("train/train_seconds"),
+                train_seconds=stage_seconds if stage_seconds is not None else metrics.get("train/train_seconds"),
                 end_time_ms=run.info.end_time,
                 test_ap50=metrics.get("test/ap50"),
+                train_loops_only=stage_seconds is None and "train/train_seconds" in metrics,
             )
         )
     rows.sort(key=lambda r: (-r.metrics["ap50"], -(r.end_time_ms or 0)))
     return rows
 
 
+def data_source(tags: dict, params: dict) -> str:
+    """The run's data: its `data_source` tag, else a short label of its `data.source` param (older runs)."""
+    return tags.get("data_source") or tracking.data_source_label(params.get("data.source"))
+
+
 def render(rows: list[Row], experiment: str = tracking.EXPERIMENT) -> str:
     baselines = ", ".join(f"Mask R-CNN {name} **{ap:.3f}**" for name, ap in BASELINES.items())
     with_test = any(r.test_ap50 is not None for r in rows)
-    columns = COLUMNS[:6] + (["test AP50"] if with_test else []) + COLUMNS[6:]
+    metric_columns = (["test AP50"] if with_test else []) + METRIC_COLUMNS
+    columns = LEAD_COLUMNS + metric_columns + TAIL_COLUMNS
     lines = [
         "# Table of Experiment Results",
         "",
@@ -120,17 +137,21 @@ def render(rows: list[Row], experiment: str = tracking.EXPERIMENT) -> str:
         "",
         f"Below: finished runs of the MLflow experiment `{experiment}` (`{_store_label()}`), best val AP50 first. "
         "AP50 counts the 100 highest-scoring detections per image like the leaderboard; AP50 (all dets) counts all of them. "
-        "Metrics are on the held-out val images unless marked test.",
+        "Metrics are on the held-out val images unless marked test. "
+        "Data `synthetic` marks the offline demo, not results on the homework data. "
+        "The model of a run loads as `runs:/<run id>/model`. "
+        f"Train stage time is the train stage's wall time; \"{LOOPS_ONLY.strip()}\" marks older runs that logged only the training loops' time.",
         "",
         "| " + " | ".join(columns) + " |",
-        "|" + "|".join(["---"] * 6 + ["---:"] * (len(columns) - 8) + ["---"] * 2) + "|",
+        "|" + "|".join(["---"] * len(LEAD_COLUMNS) + ["---:"] * len(metric_columns) + ["---"] * len(TAIL_COLUMNS)) + "|",
     ]
     for r in rows:
-        cells = [r.run_name, f"`{r.run_id[:8]}`", r.backbone, r.weights, r.epochs, "" if r.best_epoch is None else r.best_epoch]
+        cells = [r.run_name, f"`{r.run_id}`", r.data_source, r.backbone, r.weights, r.epochs, "" if r.best_epoch is None else r.best_epoch]
         if with_test:
             cells.append("" if r.test_ap50 is None else f"{r.test_ap50:.3f}")
         cells += [f"{r.metrics[k]:.3f}" if k in r.metrics else "" for k in METRICS]
-        cells += [format_duration(r.train_seconds), format_time(r.end_time_ms)]
+        train_time = format_duration(r.train_seconds)
+        cells += [train_time + (LOOPS_ONLY if train_time and r.train_loops_only else ""), format_time(r.end_time_ms)]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
