@@ -4,19 +4,34 @@
     nucleiseg predict slides/ --model runs:/<run_id>/model --out out/ --window 512 --tta
     nucleiseg report --out reports/results.md
 
-`predict` goes through the same `Predictor` as the infer stage (windows, stitching, TTA).
-Per image it writes `<stem>_labels.tif` (uint16 instance labels, 0 = background; label k
-is the image's k-th entry in predictions.json, best score first) and
-`<stem>_overlay.png` (outlines); for all images `predictions.json` (COCO results,
-image ids = input position 1..n) and `images.json` (id, file_name, path, height, width).
-An image that cannot be read or predicted is logged and skipped; the exit code is then 1.
+`predict` goes through the same `Predictor` as the infer stage (windows, stitching, TTA),
+with params.yaml's `infer` section and top-level `device` as defaults and the flags on top.
+
+Two thresholds, as in the pipeline:
+- `predictions.json` holds every detection scored >= the detection floor (params
+  infer.score_threshold, 0.05 by default; lower when --score-threshold is lower), like the
+  infer stage's predictions: COCO AP needs them all. Image ids are input positions 1..n.
+- `<stem>_labels.tif` (uint16 instance labels, 0 = background) and `<stem>_overlay.png`
+  (outlines) hold only the detections at the operating point: the score threshold the
+  evaluate stage chose on val, read from `operating_point.json` next to the model file (for
+  `runs:/<id>/...` the run's `operating_point.json` artifact). --score-threshold overrides it;
+  without either, params infer.score_threshold is used and a warning says so. Label k is the
+  image's k-th entry in predictions.json (best score first), so the label maps' detections
+  are a prefix of each image's entries.
+Also `images.json` (id, file_name, path, height, width) and `settings.json` (model, both
+thresholds and where the label threshold came from, the infer settings, device).
+
+Every input is read before anything is written; outputs are built in a temp folder and moved
+into --out at the end, so a failure (one `error:` line, exit 2) leaves --out as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +43,13 @@ log = logging.getLogger("nucleiseg")
 
 MAX_LABEL = np.iinfo(np.uint16).max
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "file:", "s3://", "gs://", "http://", "https://", "dbfs:/")
+OPERATING_POINT = "operating_point.json"  # the evaluate stage's file next to models/model.pt, and its MLflow artifact
+# Flags that override params.yaml's `infer` section: flag dest -> InferConfig field.
+INFER_FLAGS = ("window", "overlap", "batch_size", "mask_threshold", "tta", "whole_image")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -37,10 +59,15 @@ def collect_images(inputs: list[str]) -> list[Path]:
     """Image files from files and folders (not recursive), in the order given; folders sorted by name.
 
     A named file is kept whatever its suffix (reading it decides); in folders only
-    PNG/TIFF/JPEG files count. The same file named twice is kept once.
+    PNG/TIFF/JPEG files count. The same file named twice is kept once. A named path that
+    does not exist is refused here, before anything else happens.
     """
     from .data import IMAGE_SUFFIXES
 
+    missing = [item for item in inputs if not Path(item).exists()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise NucleisegError(f"input not found: {shown}; nothing was written")
     out: list[Path] = []
     seen: set[Path] = set()
     for item in inputs:
@@ -50,7 +77,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
             if not found:
                 log.warning("%s: no PNG/TIFF/JPEG files in this folder", path)
         else:
-            found = [path]  # a missing file is reported per image, like an unreadable one
+            found = [path]
         for p in found:
             key = p.resolve()
             if key not in seen:
@@ -68,6 +95,70 @@ def collect_images(inputs: list[str]) -> list[Path]:
     return out
 
 
+def check_readable(images: list[Path]) -> list[tuple[int, int]]:
+    """(height, width) of every image, each decoded once; any unreadable one -> one NucleisegError naming them all."""
+    from .data import read_rgb
+
+    sizes, bad = [], []
+    for path in images:
+        try:
+            sizes.append(read_rgb(path).shape[:2])
+        except NucleisegError as exc:
+            bad.append(_one_line(exc) if str(path) in str(exc) else f"{path}: {_one_line(exc)}")
+        except (OSError, ValueError, MemoryError) as exc:
+            bad.append(f"{path}: unreadable ({type(exc).__name__}: {_one_line(exc)})")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise NucleisegError(f"{len(bad)} of {len(images)} input image(s) cannot be read, nothing was written: {'; '.join(bad[:3])}{more}")
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+def _checked_flag(cls, name: str, value, flag: str):
+    """A flag value through the same check as its params.yaml key (config.py defines the limits once)."""
+    check = {f.name: f for f in dataclasses.fields(cls)}[name].metadata["check"]
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise NucleisegError(f"{flag} {value} is not allowed; expected {exc}") from None
+
+
+@dataclasses.dataclass
+class Settings:
+    infer: object  # config.InferConfig: what the Predictor runs with (score_threshold = the detection floor)
+    device: str
+    label_threshold: float | None  # --score-threshold, or None: the model's operating point decides
+
+
+def infer_settings(args) -> Settings:
+    """Params file (its `infer` section and top-level `device`), then the flags, all checked by config.py."""
+    from .config import InferConfig, Params, params_from_dict, read_params
+
+    params_path = Path(args.params)
+    if params_path.is_file():
+        params = read_params(params_path)
+        source = f"{params_path} + nucleiseg predict flags"
+    elif args.params_given:
+        raise NucleisegError(f"{params_path}: not found; pass an existing --params file or leave it out")
+    else:
+        params = Params()
+        source = "nucleiseg predict flags"
+    infer = dataclasses.asdict(params.infer)
+    for name in INFER_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            infer[name] = _checked_flag(InferConfig, name, value, "--" + name.replace("_", "-"))
+    # Cross-checks (overlap < window) exactly as for params.yaml.
+    infer_cfg = params_from_dict({"infer": infer}, source).infer
+    device = params.device if args.device is None else _checked_flag(Params, "device", args.device, "--device")
+    label_threshold = None
+    if args.score_threshold is not None:
+        label_threshold = _checked_flag(InferConfig, "score_threshold", args.score_threshold, "--score-threshold")
+    return Settings(infer_cfg, device, label_threshold)
+
+
 # ---------------------------------------------------------------------------------------------- model
 
 
@@ -80,51 +171,95 @@ def load_model(model: str, device):
     from .model import WindowTransform, load_trained
 
     if not is_mlflow_uri(model):
-        net, _ = load_trained(model, device)
-        return net
+        try:
+            net, _ = load_trained(model, device)
+        except NucleisegError:
+            raise
+        except Exception as exc:  # a file load_trained does not foresee: still one line, never a traceback
+            raise NucleisegError(f"{model}: cannot build a model from this file ({type(exc).__name__}: {_one_line(exc)[:200]}); "
+                                 "use a models/model.pt written by the train stage") from None
+        return net.eval()
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
     from . import tracking
 
+    if tracking.uses_local_store() and not tracking.store_db().is_file():  # never create an empty store here
+        raise NucleisegError(f"{model}: no MLflow store at {tracking.store_label()}; run nucleiseg from the root of the repository "
+                             "that trained the model, or set MLFLOW_TRACKING_URI")
+    if model.startswith("runs:/"):
+        tracking.check_run(_mlflow_run_id(model) or "(none)", fix="check the run id with `mlflow ui`")
     tracking.configure()
     try:
         net = mlflow.pytorch.load_model(model, map_location="cpu")
     except (MlflowException, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _one_line(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
         raise NucleisegError(f"{model}: cannot load the MLflow model ({first}); check the run id / model name with `mlflow ui`") from None
     if not hasattr(net, "roi_heads") or not isinstance(getattr(net, "transform", None), WindowTransform):
         raise NucleisegError(f"{model}: not a nucleiseg Mask R-CNN (logged by the train stage as 'model')")
     return net.to(device).eval()
 
 
-# ---------------------------------------------------------------------------------------------- predict
+def _mlflow_run_id(model: str) -> str | None:
+    """The run that logged an MLflow model URI (runs:/<id>/..., or via the model's metadata)."""
+    if model.startswith("runs:/"):
+        run_id = model[len("runs:/"):].split("/", 1)[0]
+        return run_id or None
+    try:
+        from mlflow.models import get_model_info
+
+        return get_model_info(model).run_id
+    except Exception:  # not resolvable: the caller falls back with a warning
+        log.debug("%s: no run id", model, exc_info=True)
+        return None
 
 
-def infer_settings(args) -> tuple:
-    """(InferConfig, device name) from the params file's sections, then the flags."""
-    from .config import InferConfig, infer_config, load_params, train_config
+def mlflow_operating_point(model: str) -> float | None:
+    """The score threshold in the run's `operating_point.json` artifact (logged by the evaluate stage), or None."""
+    import tempfile
 
-    params_path = Path(args.params)
-    if params_path.is_file():
-        params = load_params(params_path)
-        cfg = infer_config(params)
-        device = train_config(params).device
-    elif args.params_given:
-        raise NucleisegError(f"{params_path}: not found; pass an existing --params file or leave it out")
+    import mlflow.artifacts
+
+    from .evaluation import load_operating_point
+
+    run_id = _mlflow_run_id(model)
+    if run_id is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="nucleiseg-op-") as tmp:
+        try:
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=OPERATING_POINT, dst_path=tmp)
+        except Exception as exc:  # MlflowException (no such artifact), OSError, ...
+            log.debug("run %s: no %s (%s)", run_id, OPERATING_POINT, _one_line(exc)[:200])
+            return None
+        path = Path(tmp) / OPERATING_POINT
+        if not path.is_file():
+            return None
+        try:
+            return load_operating_point(Path(tmp) / "model")
+        except NucleisegError:
+            raise NucleisegError(f"{OPERATING_POINT} of run {run_id}: no valid score_threshold in it; "
+                                 "run the evaluate stage again, or pass --score-threshold") from None
+
+
+def label_threshold(model: str, settings: Settings) -> tuple[float, str]:
+    """(score threshold of the label maps and overlays, where it came from)."""
+    from .evaluation import load_operating_point
+
+    if settings.label_threshold is not None:
+        return settings.label_threshold, "--score-threshold"
+    if is_mlflow_uri(model):
+        found, where = mlflow_operating_point(model), f"{OPERATING_POINT} of the model's MLflow run"
     else:
-        cfg, device = InferConfig(), "auto"
-    overrides = {
-        name: getattr(args, name)
-        for name in ("window", "overlap", "batch_size", "score_threshold", "mask_threshold", "tta", "whole_image")
-        if getattr(args, name) is not None
-    }
-    cfg = dataclasses.replace(cfg, **overrides)
-    if cfg.window <= 0 or not 0 <= cfg.overlap < cfg.window:
-        raise NucleisegError(f"window {cfg.window} / overlap {cfg.overlap} invalid; need --window > 0 and 0 <= --overlap < --window")
-    if cfg.batch_size < 1:
-        raise NucleisegError(f"--batch-size {cfg.batch_size} invalid; need >= 1")
-    return cfg, args.device or device
+        found, where = load_operating_point(model), str(Path(model).with_name(OPERATING_POINT))
+    if found is not None:
+        return found, where
+    floor = settings.infer.score_threshold
+    log.warning("no operating point for %s (%s missing; the evaluate stage writes it): label maps and overlays keep every "
+                "detection scored >= infer.score_threshold = %g; pass --score-threshold to choose", model, where, floor)
+    return floor, "infer.score_threshold (no operating point)"
+
+
+# ---------------------------------------------------------------------------------------------- predict
 
 
 def labels_uint16(instances, height: int, width: int) -> np.ndarray:
@@ -135,8 +270,8 @@ def labels_uint16(instances, height: int, width: int) -> np.ndarray:
     return paste(instances, height, width).astype(np.uint16)
 
 
-def write_outputs(out_dir: Path, stem: str, image: np.ndarray, instances) -> None:
-    """<stem>_labels.tif and <stem>_overlay.png, each written atomically.
+def write_image_outputs(folder: Path, stem: str, image: np.ndarray, instances) -> list[str]:
+    """<stem>_labels.tif and <stem>_overlay.png in `folder`; returns their names.
 
     `instances` come best score first (like the image's entries in predictions.json),
     so label k is the k-th of them.
@@ -145,20 +280,24 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, instances) -> Non
     from PIL import Image
 
     from .evaluation import overlay
-    from .io import atomic_path
 
     labels = labels_uint16(instances, *image.shape[:2])
-    with atomic_path(out_dir / f"{stem}_labels.tif") as tmp:
-        tifffile.imwrite(tmp, labels, compression="zlib")
-    with atomic_path(out_dir / f"{stem}_overlay.png") as tmp:
-        Image.fromarray(overlay(image, [], instances)).save(tmp, format="PNG")
+    names = [f"{stem}_labels.tif", f"{stem}_overlay.png"]
+    tifffile.imwrite(folder / names[0], labels, compression="zlib")
+    Image.fromarray(overlay(image, [], instances)).save(folder / names[1], format="PNG")
+    return names
 
 
 def predict_command(args) -> int:
-    cfg, device_name = infer_settings(args)
+    # Everything that can be checked without torch first: settings, inputs, the model file.
+    settings = infer_settings(args)
     images = collect_images(args.inputs)
-    if not is_mlflow_uri(args.model) and not Path(args.model).is_file():  # before seconds of torch imports
+    if not is_mlflow_uri(args.model) and not Path(args.model).is_file():
         raise NucleisegError(f"{args.model}: no trained model; run the train stage first (dvc repro train) or pass --model")
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NucleisegError(f"--out {out_dir}: exists and is not a folder")
+    check_readable(images)
 
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -166,49 +305,61 @@ def predict_command(args) -> int:
     from . import coco
     from .data import read_rgb
     from .engine import resolve_device
-    from .io import write_json
+    from .evaluation import at_threshold
+    from .io import atomic_path
     from .predictor import Predictor
 
-    device = resolve_device(device_name)
+    try:
+        device = resolve_device(settings.device)
+    except NucleisegError as exc:
+        raise NucleisegError(f"device {settings.device}: {exc}; pass --device cpu") from None
     model = load_model(args.model, device)
+    threshold, threshold_source = label_threshold(args.model, settings)
+    # The detector keeps everything >= the floor (predictions.json); the label maps are a prefix of that.
+    cfg = dataclasses.replace(settings.infer, score_threshold=min(settings.infer.score_threshold, threshold))
     predictor = Predictor(model, cfg, device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log.info("predicting %d image(s) with %s on %s (window %d, overlap %d%s) -> %s",
-             len(images), args.model, device, cfg.window, cfg.overlap, ", TTA" if cfg.tta else "", out_dir)
+    log.info("predicting %d image(s) with %s on %s (window %d, overlap %d%s); label maps at score >= %g (%s) -> %s",
+             len(images), args.model, device, cfg.window, cfg.overlap, ", TTA" if cfg.tta else "", threshold, threshold_source, out_dir)
 
     results: list[dict] = []
     records: list[dict] = []
-    failed: list[tuple[Path, str]] = []
-    with logging_redirect_tqdm():
-        for image_id, path in enumerate(tqdm(images, desc="predict", unit="image"), start=1):
+    n_labelled = 0
+    # The whole output is built in atomic_path's locked temp folder next to images.json and moved into
+    # --out only after the last image: a failure or Ctrl-C leaves --out as it was.
+    with atomic_path(out_dir / "images.json") as index_tmp, logging_redirect_tqdm():
+        stage = index_tmp.parent
+        names: list[str] = []
+        for image_id, path in enumerate(tqdm(images, desc="predict", unit="image", disable=None), start=1):
             try:
                 image = read_rgb(path)
-                # Stable: the order of coco.results, so label k <-> the image's k-th entry in predictions.json.
-                instances = sorted(predictor.predict(image), key=lambda inst: -inst.score)
                 height, width = image.shape[:2]
-                write_outputs(out_dir, path.stem, image, instances)
+                # Stable, the order of coco.results: label k <-> the image's k-th entry in predictions.json.
+                instances = sorted(predictor.predict(image), key=lambda inst: -inst.score)
+                kept = at_threshold(instances, threshold)
+                names += write_image_outputs(stage, path.stem, image, kept)
             except NucleisegError as exc:
-                message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-                log.error("%s", message)
-                failed.append((path, message))
-                continue
-            except Exception as exc:  # one bad image must not cost the others
-                message = f"{path}: {type(exc).__name__}: {exc}".splitlines()[0]
-                log.error("%s", message)
+                message = _one_line(exc)
+                raise NucleisegError((message if str(path) in message else f"{path}: {message}") + "; nothing was written") from None
+            except Exception as exc:
                 log.debug("%s: traceback", path, exc_info=True)  # shown with -v
-                failed.append((path, message))
-                continue
+                raise NucleisegError(f"{path}: {type(exc).__name__}: {_one_line(exc)[:300]}; nothing was written (-v shows the traceback)") from None
             results += coco.results(image_id, instances, height, width)
             records.append({"id": image_id, "file_name": path.name, "path": str(path), "height": height, "width": width})
-            log.debug("%s: %d instances", path, len(instances))
-
-    write_json(out_dir / "predictions.json", results, indent=None)
-    write_json(out_dir / "images.json", records)
-    log.info("%d instance(s) on %d image(s) written to %s", len(results), len(records), out_dir)
-    if failed:
-        log.error("%d of %d image(s) failed: %s", len(failed), len(images), ", ".join(str(p) for p, _ in failed))
-        return 1
+            n_labelled += len(kept)
+            log.debug("%s: %d detections, %d at score >= %g", path, len(instances), len(kept), threshold)
+        (stage / "predictions.json").write_text(json.dumps(results))
+        settings_doc = {
+            "model": args.model, "device": str(device),
+            "label_score_threshold": threshold, "label_score_threshold_source": threshold_source,
+            "detection_score_threshold": cfg.score_threshold, "infer": dataclasses.asdict(cfg),
+        }
+        (stage / "settings.json").write_text(json.dumps(settings_doc, indent=2))
+        index_tmp.write_text(json.dumps(records, indent=2))
+        # Publish: per-image files, then predictions.json and settings.json; images.json last (atomic_path).
+        for name in [*names, "predictions.json", "settings.json"]:
+            os.replace(stage / name, out_dir / name)
+    log.info("%d image(s): %d detection(s) in predictions.json, %d in the label maps (score >= %g) -> %s",
+             len(records), len(results), n_labelled, threshold, out_dir)
     return 0
 
 
@@ -235,27 +386,38 @@ class _ParamsAction(argparse.Action):
         namespace.params_given = True
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one `error:` line too (argparse prints the usage block first), exit 2."""
+
+    def error(self, message):
+        raise NucleisegError(f"{self.prog}: {_one_line(message)} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nucleiseg", description="Nuclei instance segmentation with Mask R-CNN.")
+    parser = _Parser(prog="nucleiseg", description="Nuclei instance segmentation with Mask R-CNN.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("predict", help="segment nuclei in images with a trained model",
-                       description="Segment nuclei in PNG/TIFF/JPEG images (RGB, RGBA, gray, 16-bit).")
+                       description="Segment nuclei in PNG/TIFF/JPEG images (RGB, RGBA, gray, 16-bit). "
+                                   "predictions.json keeps every detection (for AP); the label maps and overlays "
+                                   "only those at the model's operating point (operating_point.json next to it).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders of images")
     p.add_argument("--model", default="models/model.pt",
                    help="models/model.pt (default), or an MLflow model URI: runs:/<run_id>/model, models:/<model_id>")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--params", default="params.yaml", action=_ParamsAction,
-                   help="its `infer` section (and train.device) are the defaults; flags override (default: params.yaml if present)")
+                   help="its `infer` section and `device` are the defaults; flags override (default: params.yaml if present)")
     p.add_argument("--window", type=int, help="window size in pixels")
     p.add_argument("--overlap", type=int, help="window overlap in pixels (> largest nucleus)")
     p.add_argument("--batch-size", type=int, help="windows per forward pass")
-    p.add_argument("--score-threshold", type=float, help="drop detections scored below this")
+    p.add_argument("--score-threshold", type=float,
+                   help="label maps and overlays keep detections scored >= this (default: the model's operating point, "
+                        "else params infer.score_threshold)")
     p.add_argument("--mask-threshold", type=float, help="mask probability threshold")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation")
     p.add_argument("--whole-image", action=argparse.BooleanOptionalAction, default=None, help="one pass per image, no windows")
-    p.add_argument("--device", help="auto | cpu | cuda | mps (default: params train.device, else auto)")
+    p.add_argument("--device", help="auto | cpu | cuda | mps (default: params.yaml's device, else auto)")
     p.set_defaults(func=predict_command, params_given=False)
 
     r = sub.add_parser("report", help="Markdown table of the MLflow runs (reports/results.md)")
