@@ -40,6 +40,7 @@ except ImportError:  # Windows: no flock; first use is then unguarded, as in pla
 
 from .errors import NucleisegError
 from .io import repo_root
+from .sources import describe_source
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ EXPERIMENT_TAGS = {
         "creates the run (params, per-epoch train/ metrics, weights, model); the evaluate stage adds "
         "val/ metrics (val/ap50 = leaderboard-style AP50 with the top 100 detections per image; "
         "val/ap50_all, val/f1, val/aji, val/pq) and overlays.\n\n"
-        "Run names read `<DVC experiment or backbone> · <backbone> · <data source>`. To compare runs, "
+        "Run names read `<DVC experiment> · <backbone> · <data source>` (`<backbone> · <data source>` outside DVC "
+        "experiments); the Dataset column names the data too. To compare runs, "
         "add the columns val/ap50 and the tags backbone and data_source (Columns button), or run "
         "`python -m nucleiseg report` for the results table in reports/results.md. "
         "Runs with data_source=synthetic are the offline demo, not results on the homework data."
@@ -292,30 +294,12 @@ def git_commit(root: Path) -> str | None:
     return out.stdout.strip() or None
 
 
-def data_source_label(source: str | None) -> str:
-    """A short, path-free name for data.source: 'synthetic', 'gdrive:<id>', or the zip/folder name."""
-    if not source:
-        return ""
-    source = str(source).strip()
-    if source == "synthetic" or source.startswith("gdrive:"):
-        return source
-    from .download import drive_file_id
-
-    try:
-        file_id = drive_file_id(source)
-    except NucleisegError:
-        return "gdrive"
-    if file_id:
-        return f"gdrive:{file_id}"
-    return Path(source.rstrip("/\\")).name or source
-
-
 def run_tags(backbone: str, device: str, data_source: str | None = None) -> dict[str, str]:
     """Tags of a new training run.
 
     In the MLflow UI's runs table, tags can be shown as columns (Columns button) and used to
     group and filter runs: `backbone`, `data_source` (e.g. 'synthetic' for the offline demo,
-    the zip's name, 'gdrive:<id>' for the homework data; `data_source_label` shortens a
+    the zip's name, 'gdrive:<id>' for the homework data; `sources.describe_source` shortens a
     path), `device`, the DVC experiment name/baseline revision and the git commit (which
     the UI shows as the run's source version). The run page lists them all.
     """
@@ -324,7 +308,7 @@ def run_tags(backbone: str, device: str, data_source: str | None = None) -> dict
 
     tags = {
         "backbone": backbone,
-        "data_source": data_source_label(data_source),
+        "data_source": describe_source(data_source) if data_source else "",
         "device": device,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
@@ -346,7 +330,7 @@ def run_name(backbone: str, data_source: str | None = None) -> str:
     name = os.environ.get("DVC_EXP_NAME") or backbone
     if not data_source:
         return name
-    parts = [name] + ([backbone] if name != backbone else []) + [data_source_label(data_source)]
+    parts = [name] + ([backbone] if name != backbone else []) + [describe_source(data_source)]
     return " · ".join(parts)
 
 
@@ -362,7 +346,7 @@ def log_dataset(data_source: str) -> None:
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
 
-    label = data_source_label(data_source)
+    label = describe_source(data_source)
     mlflow.log_input(MetaDataset(CodeDatasetSource({"data_source": label}), name=label), context="training")
 
 
