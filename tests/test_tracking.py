@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from nucleiseg.sources import describe_source
 from nucleiseg import tracking
 from nucleiseg.errors import NucleisegError
 
@@ -87,7 +88,7 @@ def test_unknown_or_deleted_run_is_one_clear_error(repo):
 
 
 def test_data_source_labels_are_short():
-    label = tracking.data_source_label
+    label = describe_source
     assert label("synthetic") == "synthetic"
     assert label("gdrive:1nEJ7NTtHcCHNQqUXaoPk55VH3Uwh4QGG") == "gdrive:1nEJ7NTtHcCHNQqUXaoPk55VH3Uwh4QGG"
     assert label("https://drive.google.com/file/d/1nEJ7NTtHcCHNQqUXaoPk55VH3Uwh4QGG/view") == "gdrive:1nEJ7NTtHcCHNQqUXaoPk55VH3Uwh4QGG"

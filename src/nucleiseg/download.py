@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from .errors import NucleisegError
+from .sources import describe_source, drive_file_id  # noqa: F401 (part of this module's API)
 from .io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 # (host, port) probed before gdown starts, so an offline machine fails in seconds, not minutes.
 DRIVE_ENDPOINT = ("drive.google.com", 443)
 CONNECT_TIMEOUT_S = 5.0
-_DRIVE_URL_ID = re.compile(r"(?:/d/|[?&]id=)([A-Za-z0-9_-]{10,})")
 
 # The homework's data (see the data README): named in the offline hint.
 HOMEWORK_DRIVE_ID = "1nEJ7NTtHcCHNQqUXaoPk55VH3Uwh4QGG"
@@ -51,40 +51,6 @@ SOURCE_FILE = "SOURCE.json"
 
 _S_IFLNK = 0o120000
 _CHUNK = 1 << 20
-
-
-def drive_file_id(source: str) -> str | None:
-    """The Drive file id of 'gdrive:<id>' / 'gdown:<id>' or a Drive URL; None for other sources."""
-    for prefix in ("gdrive:", "gdown:"):
-        if source.startswith(prefix):
-            return source[len(prefix) :]
-    if "drive.google.com" in source:
-        match = _DRIVE_URL_ID.search(source)
-        if not match:
-            raise NucleisegError(f"data.source: cannot find a file id in the Drive URL {source!r}")
-        return match.group(1)
-    return None
-
-
-def describe_source(source: str) -> str:
-    """A short label for a data source: 'synthetic', 'gdrive:<id>', or the zip/folder's name."""
-    source = str(source).strip()
-    if source == "synthetic":
-        return "synthetic"
-    try:
-        file_id = drive_file_id(source)
-    except NucleisegError:
-        return "gdrive"
-    if file_id is not None:
-        return f"gdrive:{file_id}"
-    path = Path(os.path.expanduser(source))
-    name = path.name
-    if not name:  # '.', '..', '/'
-        try:
-            name = path.resolve().name
-        except OSError:
-            name = ""
-    return name or str(path)
 
 
 def _size(n: int) -> str:

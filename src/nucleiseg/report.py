@@ -14,6 +14,7 @@ from pathlib import Path
 from . import tracking
 from .errors import NucleisegError
 from .io import atomic_path
+from .sources import describe_source
 
 # The homework's Mask R-CNN baselines on the CodaLab leaderboard (AP50, top-100 detections per image).
 BASELINES = {"R50": 0.206, "R101": 0.142}
@@ -122,7 +123,7 @@ def collect_runs(experiment: str = tracking.EXPERIMENT) -> list[Row]:
 
 def data_source(tags: dict, params: dict) -> str:
     """The run's data: its `data_source` tag, else a short label of its `data.source` param (older runs)."""
-    return tags.get("data_source") or tracking.data_source_label(params.get("data.source"))
+    return tags.get("data_source") or describe_source(params.get("data.source"))
 
 
 def render(rows: list[Row], experiment: str = tracking.EXPERIMENT) -> str:

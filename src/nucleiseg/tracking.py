@@ -308,7 +308,7 @@ def run_tags(backbone: str, device: str, data_source: str | None = None) -> dict
 
     tags = {
         "backbone": backbone,
-        "data_source": describe_source(data_source) if data_source else "",
+        "data_source": describe_source(data_source),
         "device": device,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
@@ -407,3 +407,22 @@ def log_model(model, name: str = "model") -> None:
         mlflow.pytorch.log_model(model.cpu(), name=name, serialization_format="pickle", pip_requirements=pip_requirements())
     finally:
         mlflow_log.removeFilter(quiet)
+
+
+def log_evaluation(run_id: str, metrics: dict, outputs, answer: Path | None = None) -> None:
+    """The evaluate stage's results, into the training run: val/ and test/ metrics (the operating
+    point as val/score_threshold), `operating_point.json` at the artifact root (what
+    `nucleiseg predict --model runs:/<id>/model` loads), curves, overlays and the answer file."""
+    import mlflow
+
+    def numbers(values: dict, prefix: str) -> dict:
+        return {f"{prefix}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    with active_run(run_id):
+        mlflow.log_metrics({**numbers(metrics, "val"), **numbers(metrics.get("test", {}), "test")})
+        mlflow.log_artifact(str(outputs.operating_point))
+        mlflow.log_artifact(str(outputs.pr_curve), artifact_path="plots")
+        mlflow.log_artifact(str(outputs.sweep), artifact_path="plots")
+        mlflow.log_artifacts(str(outputs.overlays), artifact_path="overlays")
+        if answer is not None and answer.is_file():
+            mlflow.log_artifact(str(answer), artifact_path="submission")

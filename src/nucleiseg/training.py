@@ -14,8 +14,9 @@ import torch
 
 from . import tracking
 from .config import Params
-from .data import load_train_sample
+from .data import load_train_sample, source_record
 from .dataset import TileDataset
+from .errors import NucleisegError
 from .engine import dist_info, fit, resolve_device, seed_everything
 from .io import atomic_path, read_json, repo_root, write_json
 from .model import build_model
@@ -127,14 +128,22 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
         from .engine import load_checkpoint
 
         resumed_run = load_checkpoint(ckpt_path).get("run", {}).get("mlflow_run_id")
+    if resumed_run:
+        try:
+            tracking.check_run(resumed_run)
+        except NucleisegError as exc:  # the store lost the run: keep the training, log into a new run
+            log.warning("%s; resuming the training into a new MLflow run", exc)
+            resumed_run = None
 
     import mlflow
 
-    tags = tracking.run_tags(mcfg.backbone, str(device))
+    data_source = source_record(inputs.raw)["source"]
+    tags = tracking.run_tags(mcfg.backbone, str(device), data_source)
     # A failure below must leave neither a half set of outputs nor a run.json naming an earlier training's run.
     for stale in (outputs.model, outputs.run):
         stale.unlink(missing_ok=True)
-    with tracking.active_run(resumed_run, tracking.run_name(mcfg.backbone), tags) as run:
+    with tracking.active_run(resumed_run, tracking.run_name(mcfg.backbone, data_source), tags) as run:
+        tracking.log_dataset(data_source)
         if resumed_run is None:
             tracking.log_params(params.flat())
             mlflow.log_params({"train_windows": len(train_set), "val_images": len(validate.samples), "world_size": dist.world_size})
