@@ -80,4 +80,5 @@ def predict_batch(model, images: list[torch.Tensor], device, score_threshold: fl
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    """3 x H x W float [0, 1]; the pixels are copied (images read by PIL are read-only arrays)."""
+    return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div_(255.0)

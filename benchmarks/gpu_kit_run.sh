@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Real-data figures on a bare GPU machine (no network, no DVC/MLflow): the gpu-kit's data and wheels,
+# the pipeline's own stage scripts, plus the loader and train-step benchmarks. From the checkout's root,
+# with the kit copied to .kit (see ../shared/gpu-kit/README.md):
+#   OUT=/tmp/out bash benchmarks/gpu_kit_run.sh [key=value ...]      # params.yaml overrides
+# Env: TRAIN_S (training time limit, default 330 s; the best epoch so far is used when it is hit),
+# SKIP_WHEELS=1 (pycocotools/faster-coco-eval already installed), BENCH=0 (skip the benchmarks).
+# Writes to $OUT: log.txt, eval.json, train.json, train.csv, operating_point.csv, gpu.txt (nvidia-smi dmon).
+set -u
+SRC=$(pwd); KIT=$SRC/.kit
+OUT=${OUT:-$PWD/kit-out}; mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1
+t0=$SECONDS; mark() { echo "[t=$((SECONDS-t0))s] $*"; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null; nproc
+[ "${SKIP_WHEELS:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kit-site "$KIT"/wheels/*.whl || exit 1
+# MLflow is the kit's recorder, widened to the client calls tracking.py makes; a non-local URI keeps the
+# SQLite-store code (lock, artifact-location rewrite) out of the way.
+rm -rf /tmp/kit-mlflow; cp -r "$KIT/mlflow_recorder" /tmp/kit-mlflow; M=/tmp/kit-mlflow/mlflow
+mkdir -p $M/tracking $M/data; echo "from mlflow import MlflowClient" > $M/tracking/__init__.py; : > $M/data/__init__.py
+printf 'class CodeDatasetSource:\n    def __init__(self, *a, **kw):\n        pass\n' > $M/data/code_dataset_source.py
+printf 'class MetaDataset:\n    def __init__(self, *a, **kw):\n        pass\n' > $M/data/meta_dataset.py
+echo "MlflowException.error_code = None" >> $M/exceptions.py
+cat >> $M/__init__.py <<'PY'
+
+
+class _Object:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def __getattr__(self, name):
+        return None
+
+
+class MlflowClient:
+    def __init__(self, *a, **kw):
+        pass
+
+    def get_experiment_by_name(self, name):
+        return _Object(experiment_id="0", name=name, lifecycle_stage="active", tags={}, artifact_location="")
+
+    def get_run(self, run_id):
+        return _Object(info=_Object(run_id=run_id, lifecycle_stage="active", experiment_id="0"))
+
+    def __getattr__(self, name):
+        return lambda *a, **kw: _w(f"client.{name}")
+
+
+def log_input(*a, **kw):
+    _w("input")
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return lambda *a, **kw: _w(name)
+PY
+export PYTHONPATH=/tmp/kit-site:/tmp/kit-mlflow:$SRC/src MLFLOW_STUB_LOG=$OUT/mlflow_calls.jsonl MLFLOW_TRACKING_URI=http://kit-recorder
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+W=/tmp/kit-work; rm -rf $W /tmp/kit-data; mkdir -p $W
+cp -r "$SRC/stages" "$SRC/params.yaml" "$SRC/benchmarks" $W/; cd $W
+python3 "$KIT/unpack.py" "$KIT/data" /tmp/kit-data && mark unpacked || exit 1
+python3 "$KIT/setparams.py" data.source=/tmp/kit-data model.weights=none "$@" || exit 1
+python3 stages/download.py && mark download || exit 1
+python3 stages/tile.py && mark tile || exit 1
+if [ "${BENCH:-1}" = 1 ]; then
+  python3 benchmarks/loader.py --tiles data/tiles --samples 60 --previous-samples 6 --workers 12 && mark loader-benchmark
+  python3 benchmarks/train_step.py --tiles data/tiles --steps ${BENCH_STEPS:-25} --warmup 5 --batch-size 4 --variants fp32,bf16,bf16-nhwc && mark train-step-benchmark
+fi
+(command -v nvidia-smi >/dev/null && nvidia-smi dmon -s um -d 5 > "$OUT/gpu.txt" 2>&1) & DM=$!
+timeout -s INT ${TRAIN_S:-330} python3 stages/train.py; mark "train rc=$?"
+kill $DM 2>/dev/null
+if [ ! -f models/model.pt ]; then
+  # Stopped by TRAIN_S: the checkpoint's best epoch (tensors only) becomes the model.
+  python3 - <<'PY' || exit 1
+import dataclasses, glob, json, torch
+from nucleiseg.config import read_params
+found = sorted(glob.glob("checkpoints/*.pt"))
+if not found:
+    raise SystemExit("training stopped before its first epoch ended: no checkpoint")
+c = torch.load(found[-1], map_location="cpu", weights_only=True)
+state = c["best"]["state"] if c["best"]["state"] is not None else c["model"]
+torch.save({"model": state, "model_config": dataclasses.asdict(read_params().model), "best_epoch": c["best"]["epoch"]}, "models/model.pt")
+json.dump({"run_id": c["run"].get("mlflow_run_id", "none"), "experiment_id": "0", "tracking_uri": "none"}, open("models/run.json", "w"))
+print(f"stopped after epoch {c['epoch']}; using its best epoch {c['best']['epoch']}")
+PY
+fi
+python3 stages/infer.py && mark infer || exit 1
+python3 stages/export.py && python3 stages/evaluate.py && mark evaluate
+cp metrics/eval.json "$OUT/eval.json"; cp metrics/train.json plots/train.csv plots/operating_point.csv "$OUT/" 2>/dev/null
+mark done
