@@ -179,6 +179,8 @@ def load_model(model: str, device):
             raise NucleisegError(f"{model}: cannot build a model from this file ({type(exc).__name__}: {_one_line(exc)[:200]}); "
                                  "use a models/model.pt written by the train stage") from None
         return net.eval()
+    # MLflow draws a progress bar per download (the model, operating_point.json): noise in this command's output.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
