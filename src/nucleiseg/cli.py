@@ -313,8 +313,9 @@ def predict_command(args) -> int:
 
     try:
         device = resolve_device(settings.device)
-    except NucleisegError as exc:
-        raise NucleisegError(f"device {settings.device}: {exc}; pass --device cpu") from None
+    except NucleisegError:  # device=cuda without a visible GPU
+        where = "--device" if args.device is not None else f"{args.params}: device ="
+        raise NucleisegError(f"{where} {settings.device}, but no CUDA device is visible; use --device auto or --device cpu") from None
     model = load_model(args.model, device)
     threshold, threshold_source = label_threshold(args.model, settings)
     # The detector keeps everything >= the floor (predictions.json); the label maps are a prefix of that.
