@@ -207,3 +207,35 @@ def test_coco_eval_is_quiet_and_leaves_inputs_alone(capsys):
     metrics.coco_segm_metrics_reference(doc, res, max_dets_all=100)
     assert capsys.readouterr().out == ""
     assert (repr(doc), repr(res)) == before
+
+
+# ----------------------------------------------------------------------------- score sweep
+
+
+def test_score_sweep_equals_metrics_of_the_kept_predictions():
+    """Each row = summarize(image_metrics) of the predictions scoring >= t, pooled over images."""
+    rng = np.random.default_rng(4)
+    gt_lists, pred_lists = [], []
+    for seed in (1, 2, 3):
+        gt = random_case(seed)
+        pred = [Instance(g.mask, g.x0 + int(rng.integers(-1, 2)), g.y0, float(rng.random())) for g in gt if rng.random() < 0.8]
+        pred += [disc(int(rng.integers(6, 58)), int(rng.integers(6, 58)), 3, float(rng.random())) for _ in range(3)]
+        gt_lists.append(gt)
+        pred_lists.append(pred)
+    thresholds = [0.0, 0.1, 0.35, 0.5, 0.8, 1.0]
+    rows = metrics.score_sweep(gt_lists, pred_lists, thresholds)
+    assert [r["score_threshold"] for r in rows] == thresholds
+    for t, row in zip(thresholds, rows):
+        expected = metrics.summarize([metrics.image_metrics(g, [p for p in ps if p.score >= t]) for g, ps in zip(gt_lists, pred_lists)])
+        assert row == {"score_threshold": t, **expected}
+    assert rows[0]["tp"] + rows[0]["fp"] == sum(len(p) for p in pred_lists)
+    assert rows[-1]["tp"] == rows[-1]["fp"] == 0  # no random score reaches 1.0
+
+
+def test_score_sweep_separates_planted_false_positives():
+    gt = [square(4 + 14 * i, 4, 10) for i in range(4)]
+    pred = [Instance(g.mask, g.x0, g.y0, 0.9) for g in gt] + [square(4 + 14 * i, 40, 8, score=0.1) for i in range(3)]
+    low, between, high = metrics.score_sweep([gt], [pred], [0.05, 0.5, 0.95])
+    assert (low["tp"], low["fp"], low["fn"]) == (4, 3, 0) and low["f1"] == pytest.approx(8 / 11)
+    assert (between["tp"], between["fp"], between["fn"]) == (4, 0, 0) and between["f1"] == 1.0 and between["pq"] == 1.0
+    assert (high["tp"], high["fp"], high["fn"]) == (0, 0, 4) and high["f1"] == 0.0

@@ -1,5 +1,7 @@
-"""Model registry: every backbone builds and runs, nuclei-sized settings hold, weights fail fast offline, raw masks."""
+"""Model registry: every backbone builds and runs, nuclei-sized settings hold, weights fail fast offline, norm and
+input_scale choices, raw masks, model files round-trip."""
 
+import dataclasses
 import time
 
 import pytest
@@ -8,19 +10,21 @@ import torch
 import nucleiseg.model as model_mod
 from nucleiseg.config import ModelConfig
 from nucleiseg.errors import NucleisegError
-from nucleiseg.inference import detections_to_instances, raw_masks
-from nucleiseg.model import REGISTRY, WindowTransform, build_model
+from nucleiseg.inference import detections_to_instances
+from nucleiseg.model import REGISTRY, WindowTransform, build_model, load_trained, raw_mask_outputs
 
-torch.set_num_threads(2)
-
-SMALL = dict(
-    rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=200, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=200,
-    box_batch_size_per_image=64, detections_per_img=20,  # the mask head costs ~25 ms per detection on CPU
-)
+DETECTIONS = 20  # tiny_model_cfg's detections_per_img
 
 
-def small_cfg(backbone: str = "resnet18", **overrides) -> ModelConfig:
-    return ModelConfig(backbone=backbone, **{"weights": "none", **SMALL, **overrides})
+@pytest.fixture(scope="module")
+def small_cfg(tiny_model_cfg):
+    """small_cfg(backbone, **overrides): the tiny model settings (conftest) for any backbone."""
+    assert tiny_model_cfg.detections_per_img == DETECTIONS
+
+    def make(backbone: str = "resnet18", **overrides) -> ModelConfig:
+        return dataclasses.replace(tiny_model_cfg, backbone=backbone, **overrides)
+
+    return make
 
 
 def one_nucleus_target(size: int = 64) -> dict:
@@ -30,7 +34,7 @@ def one_nucleus_target(size: int = 64) -> dict:
 
 
 @pytest.fixture(scope="module")
-def r18():
+def r18(small_cfg):
     torch.manual_seed(0)
     return build_model(small_cfg("resnet18")).eval()
 
@@ -49,7 +53,7 @@ def test_registry_lists_the_documented_backbones():
         pytest.param("resnet101", marks=pytest.mark.slow),
     ],
 )
-def test_every_backbone_builds_and_runs(backbone):
+def test_every_backbone_builds_and_runs(backbone, small_cfg):
     torch.manual_seed(0)
     model = build_model(small_cfg(backbone))
     image = torch.rand(3, 64, 64)
@@ -58,7 +62,7 @@ def test_every_backbone_builds_and_runs(backbone):
         (out,) = model([image])
     assert set(out) >= {"boxes", "labels", "scores", "masks"}
     assert out["masks"].shape[1:] == (1, 64, 64)
-    assert out["boxes"].shape[0] <= SMALL["detections_per_img"]
+    assert out["boxes"].shape[0] <= DETECTIONS
     model.train()
     losses = model([image], [one_nucleus_target()])
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
@@ -68,7 +72,7 @@ def test_every_backbone_builds_and_runs(backbone):
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_from_scratch_backbones_use_trainable_batchnorm():
+def test_from_scratch_backbones_use_trainable_batchnorm(small_cfg):
     """Frozen BN with identity statistics (torchvision's resnet_fpn_backbone default) blows activations up from scratch."""
     model = build_model(small_cfg("resnet18"))
     body = model.backbone.body
@@ -76,7 +80,7 @@ def test_from_scratch_backbones_use_trainable_batchnorm():
     assert all(p.requires_grad for p in body.parameters())
 
 
-def test_nuclei_settings(r18):
+def test_nuclei_settings(r18, small_cfg):
     cfg = small_cfg("resnet18", anchor_sizes=[4, 8, 16, 32, 64], detections_per_img=37)
     model = build_model(cfg).eval()
     assert model.rpn.anchor_generator.sizes == ((4,), (8,), (16,), (32,), (64,))
@@ -105,7 +109,7 @@ def test_nuclei_settings(r18):
     assert images.image_sizes == [(200, 200)]
 
 
-def test_anchor_sizes_need_five_levels():
+def test_anchor_sizes_need_five_levels(small_cfg):
     with pytest.raises(NucleisegError, match="5 sizes"):
         build_model(small_cfg("resnet18", anchor_sizes=[8, 16, 32]))
 
@@ -131,7 +135,7 @@ def test_offline_weights_fail_fast_and_say_where_to_put_them(backbone, weights, 
     assert "model.weights=none" in message
 
 
-def test_bad_weights_and_backbone_choices(tmp_path):
+def test_bad_weights_and_backbone_choices(tmp_path, small_cfg):
     with pytest.raises(NucleisegError, match="coco"):
         build_model(ModelConfig(backbone="resnet101", weights="coco"))
     with pytest.raises(NucleisegError, match="/no/such/file"):
@@ -145,7 +149,7 @@ def test_bad_weights_and_backbone_choices(tmp_path):
 
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["state_dict", "checkpoint"])
-def test_weights_from_a_local_file(r18, tmp_path, wrapped):
+def test_weights_from_a_local_file(r18, tmp_path, wrapped, small_cfg):
     path = tmp_path / "weights.pth"
     state = r18.state_dict()
     torch.save({"model": state, "epoch": 3} if wrapped else state, path)
@@ -156,11 +160,12 @@ def test_weights_from_a_local_file(r18, tmp_path, wrapped):
         assert torch.equal(loaded[key], value), key
 
 
-def test_raw_masks_give_28x28_masks_and_instances_inside_the_image():
+def test_raw_mask_outputs_give_28x28_masks_and_instances_inside_the_image(small_cfg):
     torch.manual_seed(0)
     image = torch.rand(3, 80, 96)
-    model = build_model(small_cfg("resnet18", box_score_thresh=0.0)).eval()
-    with torch.no_grad(), raw_masks(model):
+    model = build_model(small_cfg("resnet18", box_score_thresh=0.0, detections_per_img=5)).eval()
+    with torch.no_grad(), raw_mask_outputs(model) as same:
+        assert same is model
         (out,) = model([image])
     assert model.transform.paste_masks  # restored on exit
     assert out["boxes"].shape[0] > 0
@@ -172,6 +177,81 @@ def test_raw_masks_give_28x28_masks_and_instances_inside_the_image():
     with torch.no_grad():
         (pasted,) = model([image])
     assert pasted["masks"].shape[1:] == (1, 80, 96)
+
+
+def test_raw_mask_outputs_sets_the_score_threshold_and_restores_it_after_an_error(small_cfg):
+    model = build_model(small_cfg("resnet18", box_score_thresh=0.05)).eval()
+    with raw_mask_outputs(model, score_threshold=0.4):
+        assert model.roi_heads.score_thresh == 0.4 and model.transform.paste_masks is False
+    assert model.roi_heads.score_thresh == 0.05 and model.transform.paste_masks is True
+    with pytest.raises(RuntimeError, match="boom"):
+        with raw_mask_outputs(model, score_threshold=0.9):
+            raise RuntimeError("boom")
+    assert model.roi_heads.score_thresh == 0.05 and model.transform.paste_masks is True
+    with raw_mask_outputs(model):  # no threshold given: the detector's own
+        assert model.roi_heads.score_thresh == 0.05
+
+
+def test_norm_choices(small_cfg):
+    gn = build_model(small_cfg("resnet18", norm="groupnorm"))
+    assert isinstance(gn.backbone.body.bn1, torch.nn.GroupNorm)
+    frozen = build_model(small_cfg("resnet18", norm="frozen"))
+    assert type(frozen.backbone.body.bn1).__name__ == "FrozenBatchNorm2d"
+    with pytest.raises(NucleisegError, match="model.norm"):
+        build_model(small_cfg("resnet18", norm="groupnorm", weights="imagenet"))
+
+
+def test_input_scale_resizes_windows_and_maps_outputs_back(small_cfg):
+    """input_scale 2: the backbone sees a 128 px window, boxes and masks come back in 64 px coordinates."""
+    torch.manual_seed(0)
+    model = build_model(small_cfg("resnet18", input_scale=2.0, box_score_thresh=0.0, detections_per_img=5)).eval()
+    image = torch.rand(3, 64, 64)
+    images, _ = model.transform([image])
+    assert images.image_sizes == [(128, 128)]
+    with torch.no_grad():
+        (out,) = model([image])
+        with raw_mask_outputs(model):
+            (raw,) = model([image])
+    assert out["boxes"].shape[0] > 0 and out["masks"].shape[-2:] == (64, 64)
+    assert out["boxes"].max() <= 64 and raw["boxes"].max() <= 64
+    torch.testing.assert_close(raw["boxes"], out["boxes"])
+    # Training targets are scaled with the window.
+    model.train()
+    target = one_nucleus_target()
+    _, scaled = model.transform([image], [target])
+    torch.testing.assert_close(scaled[0]["boxes"], target["boxes"] * 2)
+    assert scaled[0]["masks"].shape[-2:] == (128, 128)
+
+
+def test_trained_model_file_round_trips(r18, small_cfg, tmp_path):
+    """load_trained: the train stage's file (weights + config) rebuilds the same network, in eval mode."""
+    cfg = small_cfg("resnet18")
+    path = tmp_path / "model.pt"
+    torch.save({"model": r18.state_dict(), "model_config": dataclasses.asdict(cfg), "best_epoch": 3}, path)
+    model, ckpt = load_trained(path)
+    assert not model.training and ckpt["best_epoch"] == 3
+    for key, value in r18.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert model.roi_heads.detections_per_img == DETECTIONS
+
+
+def test_trained_model_file_errors(r18, small_cfg, tmp_path):
+    with pytest.raises(NucleisegError, match="dvc repro train"):
+        load_trained(tmp_path / "missing.pt")
+    bare = tmp_path / "bare.pt"
+    torch.save(r18.state_dict(), bare)
+    with pytest.raises(NucleisegError, match="model_config"):
+        load_trained(bare)
+    # A config another version wrote (unknown key) or weights that do not fit it: retrain.
+    odd = tmp_path / "odd.pt"
+    torch.save({"model": r18.state_dict(), "model_config": {**dataclasses.asdict(small_cfg()), "anchors": 3}}, odd)
+    with pytest.raises(NucleisegError, match="retrain"):
+        load_trained(odd)
+    other = tmp_path / "other.pt"
+    torch.save({"model": r18.state_dict(), "model_config": dataclasses.asdict(small_cfg("resnet34"))}, other)
+    with pytest.raises(NucleisegError, match="do not fit") as info:
+        load_trained(other)
+    assert "\n" not in str(info.value)
 
 
 def test_hand_made_detection_becomes_one_instance():

@@ -27,7 +27,7 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 120) -> subprocess
 
 
 @pytest.fixture
-def repo(tmp_path) -> tuple[Path, dict]:
+def dvc_repo(tmp_path) -> tuple[Path, dict]:
     work = tmp_path / "repo"
     work.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
@@ -61,8 +61,9 @@ def repo(tmp_path) -> tuple[Path, dict]:
     return work, env
 
 
-def test_dvc_repro_tile(repo):
-    work, env = repo
+@pytest.mark.slow
+def test_dvc_repro_tile(dvc_repo):
+    work, env = dvc_repo
     where = _run(["python", "-c", "import nucleiseg; print(nucleiseg.__file__)"], work, env)
     assert Path(where.stdout.strip()).is_relative_to(work / "src")  # the copied package runs, not /work/main's
     first = _run([DVC, "repro", "tile"], work, env, timeout=300)
@@ -73,19 +74,20 @@ def test_dvc_repro_tile(repo):
     ids = sorted(p.name for p in (work / "data" / "raw" / "train").iterdir())
     assert sorted(split["train"] + split["val"]) == ids == [f"synth-train-{k:03d}" for k in range(4)]
 
-    tiles = work / "data" / "tiles"
-    from pycocotools.coco import COCO
+    from nucleiseg.tiles import read_index
 
-    for name, n_images in (("train", 3), ("val", 1)):
-        doc = json.loads((tiles / f"{name}.json").read_text())
-        gt = COCO(str(tiles / f"{name}.json"))
-        assert len(gt.getImgIds()) == n_images * 9  # 128 px, windows of 64 overlapping 24 -> 3 x 3
-        assert doc["annotations"], name
-        sources = {r["source_image"] for r in doc["images"]}
-        assert sources == set(split[name])
-        assert all((tiles / r["file_name"]).is_file() for r in doc["images"])
+    tiles = work / "data" / "tiles"
+    entries = read_index(tiles, "train")
+    assert len(entries) == 3 * 9  # 128 px, windows of 64 overlapping 24 -> 3 x 3 per train image
+    assert {e.source_image for e in entries} == set(split["train"])  # val images are never tiled
+    assert sum(e.instances for e in entries) > 0
+    assert all((tiles / "train" / name).is_file() for e in entries for name in (e.image, *e.labels))
+    assert sorted(p.name for p in tiles.iterdir()) == ["summary.json", "train"]
     summary = json.loads((tiles / "summary.json").read_text())
-    assert summary["train"]["images"] == 3 and summary["val"]["images"] == 1
+    assert summary["train"]["images"] == 3 and summary["train"]["windows"] == 27
+    assert summary["val_images"] == split["val"]
+    assert summary["tile"] == {"size": 64, "overlap": 24, "min_visible": 0.3}
+    assert summary["data"]["source"] == "synthetic"
     assert not list((work / "data").glob(".*tmp-*"))
     assert (work / "dvc.lock").is_file()
 
@@ -98,19 +100,26 @@ def test_dvc_repro_tile(repo):
 
 
 def _stage(tmp_path, name, params):
-    import yaml
-
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "DVC_ROOT": str(tmp_path)}
     return subprocess.run([sys.executable, str(REPO / "stages" / f"{name}.py")], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
+                          env=env, timeout=120)
 
 
+def _one_error_line(done: subprocess.CompletedProcess, needle: str) -> None:
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+@pytest.mark.slow
 def test_stage_param_errors_are_one_line(tmp_path):
-    """An unknown data.synthetic key and data.val_images=0 stop with one 'error:' line, exit 2."""
-    bad_key = _stage(tmp_path, "download", {"data": {"source": "synthetic", "synthetic": {"n_trian": 3}}})
-    assert bad_key.returncode == 2 and bad_key.stderr.strip().startswith("error:") and "n_trian" in bad_key.stderr
-    assert "Traceback" not in bad_key.stderr
+    """An unknown data.synthetic key, data.val_images=0 and more val images than there are stop with one
+    'error:' line, exit 2, before any output."""
+    _one_error_line(_stage(tmp_path, "download", {"data": {"source": "synthetic", "synthetic": {"n_trian": 3}}}), "data.synthetic.n_trian")
+    assert not (tmp_path / "data").exists()
     generate_dataset(tmp_path / "data" / "raw", n_train=2, n_test=1, size=64)
-    no_val = _stage(tmp_path, "tile", {"data": {"val_images": 0}, "tile": {"size": 64, "overlap": 16}})
-    assert no_val.returncode == 2 and "data.val_images must be >= 1" in no_val.stderr and "Traceback" not in no_val.stderr
-    assert not (tmp_path / "data" / "tiles").exists()
+    _one_error_line(_stage(tmp_path, "tile", {"data": {"val_images": 0}, "tile": {"size": 64, "overlap": 16}}), "data.val_images = 0")
+    _one_error_line(_stage(tmp_path, "tile", {"data": {"val_images": 2}, "tile": {"size": 64, "overlap": 16}}), "data.val_images=2")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]

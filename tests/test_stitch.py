@@ -14,7 +14,7 @@ from nucleiseg.masks import Instance, paste, to_rle
 from nucleiseg.metrics import coco_segm_metrics
 from nucleiseg.predictor import Predictor
 from nucleiseg.synthetic import synth_image
-from nucleiseg.tiling import window_starts, windows
+from nucleiseg.tiling import axis_cores, window_starts, windows
 
 WINDOW, OVERLAP = 96, 40  # overlap > largest synthetic nucleus (radius 14 -> 28 px)
 
@@ -28,7 +28,7 @@ def _cut_lines(length: int, size: int, overlap: int) -> set[int]:
     """Window starts, window ends and core boundaries along one axis (inside the image)."""
     starts = window_starts(length, size, overlap)
     lines = {s for s in starts} | {s + size for s in starts}
-    lines |= {int(lo) for lo, _ in stitch.axis_cores(length, size, overlap)}
+    lines |= {int(lo) for lo, _ in axis_cores(starts, length, size)}
     return {c for c in lines if 0 < c < length}
 
 
@@ -41,7 +41,7 @@ def _cut_lines(length: int, size: int, overlap: int) -> set[int]:
 )
 def test_axis_cores_partition(length, size, overlap):
     starts = window_starts(length, size, overlap)
-    cores = stitch.axis_cores(length, size, overlap)
+    cores = axis_cores(starts, length, size)
     assert len(cores) == len(starts)
     assert cores[0][0] == 0 and cores[-1][1] == length
     for (lo, hi), (lo2, _) in zip(cores, cores[1:]):
@@ -62,13 +62,22 @@ def test_axis_cores_partition(length, size, overlap):
 
 def test_window_cores_cover_image_once():
     height, width = 300, 260
-    cores = stitch.window_cores(height, width, WINDOW, OVERLAP)
-    assert set(cores) == set(windows(height, width, WINDOW, OVERLAP))
+    wins = windows(height, width, WINDOW, OVERLAP)
+    assert len({(w.x0, w.y0) for w in wins}) == len(wins)
     count = np.zeros((height, width), int)
     ys, xs = np.mgrid[0:height, 0:width] + 0.5
-    for x0, y0, x1, y1 in cores.values():
+    for w in wins:
+        x0, y0, x1, y1 = w.core
         count += (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
     assert (count == 1).all()
+
+
+def test_owned_keeps_the_instance_whose_centre_is_in_the_core():
+    (left, right) = windows(40, 120, 64, 8)  # starts 0 and 56; cores [0, 60) and [60, 120)
+    assert left.core[2] == right.core[0] == 60.0
+    before, after = _square(55, 5, 9), _square(56, 5, 9)  # centres (pixel centres) 59.5 and 60.5
+    assert stitch.owned([before, after], left) == [before]
+    assert stitch.owned([before, after], right) == [after]
 
 
 # ----------------------------------------------------------------------------- oracle
@@ -88,7 +97,7 @@ def test_oracle_seams_reproduce_ground_truth(height, width, seed):
     assert halves > 20
     assert n_pieces > len(gt)
 
-    merged = stitch.merge_windows(per_window, height, width, WINDOW, OVERLAP)
+    merged = stitch.merge_windows(per_window, 0.3, 0.6)
     merged_keys = Counter(_key(i) for i in merged)
     assert len(merged) == len(gt)
     assert merged_keys == gt_keys  # every merged instance is a GT instance, pixel for pixel; no duplicates, no halves
@@ -193,9 +202,10 @@ class RectangleOracle(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.roi_heads = _Namespace(score_thresh=0.05)
+        self.roi_heads = _Namespace(score_thresh=0.5)
         self.transform = _Namespace(paste_masks=True)
         self.calls = 0
+        self.thresholds = set()  # the detector's score threshold during each forward pass
 
     @staticmethod
     def _axis(lo: int, hi: int) -> tuple[float, float]:
@@ -204,6 +214,7 @@ class RectangleOracle(torch.nn.Module):
 
     def forward(self, images):
         assert self.transform.paste_masks is False, "Predictor must ask for raw masks"
+        self.thresholds.add(self.roi_heads.score_thresh)
         out = []
         for tensor in images:
             self.calls += 1
@@ -255,8 +266,11 @@ def test_predictor_stitches_rectangles_across_seams(rectangles):
     image, gt = rectangles
     height, width = image.shape[:2]
     model = RectangleOracle()
-    found = Predictor(model, _cfg()).predict(image)
+    found = Predictor(model, _cfg(score_threshold=0.07)).predict(image)
     assert model.calls == len(windows(height, width, WINDOW, OVERLAP))
+    # infer.score_threshold holds during the forward passes only; the model is left as it was.
+    assert model.thresholds == {0.07}
+    assert model.roi_heads.score_thresh == 0.5 and model.transform.paste_masks is True
     # the windows really cut rectangles
     pieces = stitch.instances_in_windows(gt, height, width, WINDOW, OVERLAP)
     gt_keys = Counter(map(_key, gt))

@@ -1,19 +1,19 @@
-"""Windows cover everything and overlap, instances are clipped right, RLE matches pycocotools, tile_split."""
+"""Windows cover everything and overlap, cores partition the image, instances are clipped right, RLE matches
+pycocotools, and the tile dataset (tiles.write_split) holds every window's pixels and instances."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 
+from nucleiseg import tiles
 from nucleiseg.data import load_train_sample, train_ids
 from nucleiseg.errors import NucleisegError
 from nucleiseg.masks import Instance, from_full_mask, from_rle, to_rle
 from nucleiseg.synthetic import generate_dataset
-from nucleiseg.tiling import PAD_VALUE, Window, crop_window, tile_split, window_instances, window_starts, windows
+from nucleiseg.tiling import PAD_VALUE, Window, axis_cores, crop_window, window_instances, window_starts, windows
 
 COMBOS = [
     (64, 64, 16),  # length == size
@@ -112,7 +112,7 @@ def test_window_instances_whole_and_relative():
     blob[1:5, 0:6] = True
     blob[0, 2] = True
     inside = Instance(blob, 40, 30)
-    win = Window(32, 16, 32)
+    win = Window(32, 16, 32, (0, 0, 0, 0))
     (kept,) = window_instances([inside], win, min_visible=0.3)
     assert (kept.x0, kept.y0) == (8, 14)  # window-relative
     np.testing.assert_array_equal(kept.mask, blob)
@@ -121,18 +121,18 @@ def test_window_instances_whole_and_relative():
 
 def test_window_instances_partial():
     cut = _box(60, 5, 10, 10)  # columns 60..69; window [0, 62) keeps 2 of 10 columns = 20%
-    win = Window(0, 0, 62)
+    win = Window(0, 0, 62, (0, 0, 0, 0))
     assert window_instances([cut], win, min_visible=0.3) == []
     (kept,) = window_instances([cut], win, min_visible=0.1)
     assert (kept.x0, kept.y0, kept.mask.shape, kept.area) == (60, 5, (10, 2), 20)
     # From a window that starts inside the instance, coordinates are clipped to 0.
-    (right,) = window_instances([cut], Window(62, 0, 62), min_visible=0.3)
+    (right,) = window_instances([cut], Window(62, 0, 62, (0, 0, 0, 0)), min_visible=0.3)
     assert (right.x0, right.y0, right.area) == (0, 5, 80)
 
 
 def test_window_instances_outside_and_order():
     a, b, c = _box(1, 1, 3, 3), _box(100, 100, 4, 4), _box(10, 2, 2, 5)
-    kept = window_instances([a, b, c], Window(0, 0, 64), min_visible=0.5)
+    kept = window_instances([a, b, c], Window(0, 0, 64, (0, 0, 0, 0)), min_visible=0.5)
     assert [(k.x0, k.y0, k.area) for k in kept] == [(1, 1, 9), (10, 2, 10)]
 
 
@@ -222,7 +222,7 @@ def test_rle_empty():
     assert from_rle(rle) is None
 
 
-# ---------------------------------------------------------------- tile_split
+# ---------------------------------------------------------------- the tile dataset (tiles.write_split)
 
 
 SIZE, OVERLAP = 128, 48
@@ -232,58 +232,102 @@ SIZE, OVERLAP = 128, 48
 def tiled(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiling")
     raw = generate_dataset(root / "raw", n_train=2, n_test=0, size=(200, 300), seed=1, radius_range=(4, 12))
-    samples = [load_train_sample(raw, name) for name in train_ids(raw)]
+    names = train_ids(raw)
+    samples = [load_train_sample(raw, name) for name in names]
     out = root / "tiles"
-    summary = tile_split(iter(samples), out, "train", SIZE, OVERLAP, min_visible=0.3)
+    summary = tiles.write_split(raw, names, out, "train", SIZE, OVERLAP, min_visible=0.3)
     return samples, out, summary
 
 
-def test_tile_split_is_valid_coco(tiled):
+def test_write_split_index_and_windows(tiled):
     samples, out, summary = tiled
-    doc = json.loads((out / "train.json").read_text())
-    gt = COCO(str(out / "train.json"))
-    assert len(gt.getImgIds()) == summary["windows"] == 2 * 2 * 4  # (200, 300) -> 2 x 4 windows each
-    assert len(gt.getAnnIds()) == summary["instances"] > 0
-    assert [c["id"] for c in doc["categories"]] == [1]
-    assert len({a["id"] for a in doc["annotations"]}) == len(doc["annotations"])
+    entries = tiles.read_index(out, "train")
+    assert summary["images"] == 2
+    assert len(entries) == summary["windows"] == 2 * 2 * 4  # (200, 300) -> 2 x 4 windows each
+    assert sum(e.instances for e in entries) == summary["instances"] > 0
+    assert len({e.image for e in entries}) == len(entries)
     names = {s.name: s for s in samples}
-    for record in doc["images"]:
-        assert record["source_image"] in names
-        x0, y0 = record["origin"]
-        assert record["width"] == record["height"] == SIZE
+    split_dir = out / "train"
+    for entry in entries:
+        sample = names[entry.source_image]
+        x0, y0 = entry.origin
+        assert entry.size == SIZE
         assert 0 <= x0 <= 300 - SIZE and 0 <= y0 <= 200 - SIZE
-        path = out / record["file_name"]
-        assert path.is_file() and path.parent == out / "train"
-        with Image.open(path) as img:
+        with Image.open(split_dir / entry.image) as img:
             assert img.size == (SIZE, SIZE) and img.mode == "RGB"
-            pixels = np.asarray(img)
-        np.testing.assert_array_equal(pixels, names[record["source_image"]].image[y0 : y0 + SIZE, x0 : x0 + SIZE])
-    for ann in doc["annotations"]:
-        m = gt.annToMask(ann)
-        assert m.shape == (SIZE, SIZE)
-        assert int(m.sum()) == ann["area"] > 0
-        ys, xs = np.nonzero(m)
-        assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
-        assert ann["iscrowd"] == 0 and ann["category_id"] == 1
+        pixels, labels = tiles.read_window(split_dir, entry)
+        np.testing.assert_array_equal(pixels, sample.image[y0 : y0 + SIZE, x0 : x0 + SIZE])
+        assert labels.dtype == np.uint16 and labels.shape == (len(entry.labels), SIZE, SIZE)
+        # The label layers hold exactly the window's instances (clipped, min_visible), in order.
+        window = Window(x0, y0, SIZE, (0, 0, 0, 0))
+        expected = window_instances(sample.instances, window, 0.3)
+        stored = tiles.window_instances_from_labels(labels)
+        assert entry.instances == len(expected) == len(stored)
+        for a, b in zip(stored, expected):
+            assert (a.x0, a.y0) == (b.x0, b.y0)
+            np.testing.assert_array_equal(a.mask, b.mask)
+    # The synthetic nuclei overlap a little: such windows get a second label layer, losing nothing.
+    assert summary["windows_with_overlaps"] == sum(len(e.labels) > 1 for e in entries)
 
 
 def test_every_instance_whole_in_some_window(tiled):
     samples, out, _ = tiled
-    doc = json.loads((out / "train.json").read_text())
-    by_window: dict[int, list] = {}
-    for ann in doc["annotations"]:
-        by_window.setdefault(ann["image_id"], []).append(from_rle(ann["segmentation"]))
+    split_dir = out / "train"
+    entries = tiles.read_index(out, "train")
+    stored = {e.image: tiles.window_instances_from_labels(tiles.read_window(split_dir, e)[1]) for e in entries}
     for sample in samples:
-        records = [r for r in doc["images"] if r["source_image"] == sample.name]
         assert sample.instances
+        mine = [e for e in entries if e.source_image == sample.name]
         for inst in sample.instances:
             assert max(inst.mask.shape) < OVERLAP  # nuclei are smaller than the overlap
             holders = []
-            for record in records:
-                x0, y0 = record["origin"]
+            for entry in mine:
+                x0, y0 = entry.origin
                 if not (x0 <= inst.x0 and inst.x1 <= x0 + SIZE and y0 <= inst.y0 and inst.y1 <= y0 + SIZE):
                     continue
-                for kept in by_window.get(record["id"], []):
+                for kept in stored[entry.image]:
                     if (kept.x0 + x0, kept.y0 + y0) == (inst.x0, inst.y0) and np.array_equal(kept.mask, inst.mask):
-                        holders.append(record["id"])
+                        holders.append(entry.image)
             assert holders, f"{sample.name}: nucleus at {inst.box} is whole in no window"
+
+
+def test_write_split_in_worker_processes_gives_the_same_dataset(tiled, tmp_path):
+    samples, out, summary = tiled
+    raw = out.parent / "raw"
+    again = tiles.write_split(raw, [s.name for s in samples], tmp_path, "train", SIZE, OVERLAP, 0.3, workers=2)
+    assert again == summary
+    assert tiles.read_index(tmp_path, "train") == tiles.read_index(out, "train")
+    for entry in tiles.read_index(out, "train"):
+        for name in (entry.image, *entry.labels):
+            assert (tmp_path / "train" / name).read_bytes() == (out / "train" / name).read_bytes(), name
+
+
+def test_read_index_refuses_missing_stale_or_broken(tmp_path):
+    with pytest.raises(NucleisegError, match="run the tile stage"):
+        tiles.read_index(tmp_path, "train")
+    (tmp_path / "train").mkdir()
+    index = tmp_path / "train" / tiles.INDEX
+    index.write_text("{not json")
+    with pytest.raises(NucleisegError, match="not valid JSON"):
+        tiles.read_index(tmp_path, "train")
+    index.write_text(json.dumps({"version": 1, "windows": []}))  # the COCO-era layout
+    with pytest.raises(NucleisegError, match="another version"):
+        tiles.read_index(tmp_path, "train")
+
+
+# ---------------------------------------------------------------- cores
+
+
+@pytest.mark.parametrize("height, width, size, overlap", [(300, 260, 96, 40), (64, 64, 64, 16), (50, 130, 64, 16), (1000, 1000, 512, 192)])
+def test_window_cores_cover_every_pixel_once(height, width, size, overlap):
+    count = np.zeros((height, width), int)
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5
+    rng = np.random.default_rng(0)
+    for w in windows(height, width, size, overlap):
+        cx0, cy0, cx1, cy1 = w.core
+        assert w.x0 <= cx0 < cx1 <= min(w.x1, width) and w.y0 <= cy0 < cy1 <= min(w.y1, height)  # a core lies in its window
+        inside = (xs >= cx0) & (xs < cx1) & (ys >= cy0) & (ys < cy1)
+        for y, x in rng.integers(0, (height, width), size=(200, 2)):  # Window.owns is the same rule
+            assert w.owns(x + 0.5, y + 0.5) == inside[y, x]
+        count += inside
+    assert (count == 1).all()

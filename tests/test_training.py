@@ -1,90 +1,71 @@
-"""Training engine and the train stage's job: it learns, resumes exactly, stops on NaN, logs to MLflow, runs under DDP."""
+"""Training engine and the train stage's job: it learns, picks the best epoch on the whole-image val metric,
+resumes exactly, stops on NaN, logs to MLflow, runs under DDP."""
 
 import copy
+import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from nucleiseg import engine, training
-from nucleiseg.config import AugmentConfig, ModelConfig, TrainConfig, load_params
-from nucleiseg.data import load_train_sample, split_ids, train_ids
+from nucleiseg.config import AugmentConfig
 from nucleiseg.dataset import TileDataset
 from nucleiseg.errors import NucleisegError
 from nucleiseg.model import build_model, load_trained
-from nucleiseg.synthetic import generate_dataset
-from nucleiseg.tiling import tile_split
 
-torch.set_num_threads(2)
-
-SMALL_MODEL = dict(
-    rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=200, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=200,
-    box_batch_size_per_image=16, detections_per_img=20,  # few RoIs: the mask head dominates a CPU step
-)
-NO_AUGMENT = dict(crop=0, scale=[1.0, 1.0], flip=False, rot90=False, color_jitter=0.0)
+NO_AUGMENT = AugmentConfig(crop=0, scale=[1.0, 1.0], flip=False, rot90=False, color_jitter=0.0)
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def tiles(tmp_path_factory):
-    """3 synthetic 96x96 images -> 2 train + 1 val, cut into 64 px windows (overlap 24): 8 train, 4 val windows."""
-    root = tmp_path_factory.mktemp("data")
-    raw = generate_dataset(root / "raw", n_train=3, n_test=1, size=96, radius_range=(4, 10))
-    split = split_ids(train_ids(raw), 1, 0)
-    tiles_dir = root / "tiles"
-    for name, names in split.items():
-        tile_split((load_train_sample(raw, n) for n in names), tiles_dir, name, 64, 24, 0.3)
-    split_file = root / "split.json"
-    split_file.write_text(json.dumps(split))
-    return tiles_dir, split_file
+def small_model(tiny_model_cfg):
+    def make(seed: int = 0):
+        torch.manual_seed(seed)
+        return build_model(tiny_model_cfg)
+
+    return make
 
 
 @pytest.fixture(scope="module")
-def tiles_one_val(tiles, tmp_path_factory):
-    """The same tiles with a single val window (validation is most of a tiny run's time on CPU)."""
-    tiles_dir, split_file = tiles
-    copy_dir = tmp_path_factory.mktemp("tiles1") / "tiles"
-    shutil.copytree(tiles_dir, copy_dir)
-    doc = json.loads((copy_dir / "val.json").read_text())
-    keep = next(img for img in doc["images"] if any(a["image_id"] == img["id"] for a in doc["annotations"]))
-    doc["images"] = [keep]
-    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] == keep["id"]]
-    (copy_dir / "val.json").write_text(json.dumps(doc))
-    return copy_dir, split_file
+def train_cfg(make_params):
+    """train_cfg(**overrides): the tiny params' TrainConfig (checked like params.yaml) with train overrides."""
+
+    def make(**overrides):
+        return make_params(train=overrides).train
+
+    return make
 
 
-@pytest.fixture
-def mlflow_home(tmp_path, monkeypatch):
-    """MLflow store under tmp (tracking resolves it from DVC_ROOT); no tracking URI leaking between tests."""
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield tmp_path
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exported it in-process
+class TinyDetector(torch.nn.Module):
+    """A stand-in for Mask R-CNN where the engine's bookkeeping is under test: the same call shape
+    (images, targets with masks -> dict of losses), milliseconds per step, and dropout so that a resumed
+    run matches only if the global RNG is replayed too."""
 
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.drop = torch.nn.Dropout(0.5)
+        self.head = torch.nn.Linear(8, 1)
 
-def small_model(seed: int = 0):
-    torch.manual_seed(seed)
-    return build_model(ModelConfig(backbone="resnet18", weights="none", **SMALL_MODEL))
-
-
-def train_cfg(**overrides) -> TrainConfig:
-    values = dict(epochs=2, batch_size=2, optimizer="adam", lr=1e-4, warmup_iters=2, lr_drop_epoch=0, amp=False,
-                  device="cpu", workers=0, samples_per_epoch=2, augment=AugmentConfig(**NO_AUGMENT))
-    values.update(overrides)
-    return TrainConfig(**values)
+    def forward(self, images, targets=None):
+        features = self.drop(torch.stack([self.conv(img[None])[0].relu().mean((1, 2)) for img in images]))
+        counts = torch.tensor([float(t["masks"].shape[0]) for t in targets])
+        pixels = torch.tensor([float(t["masks"].sum()) / t["masks"][0].numel() if t["masks"].shape[0] else 0.0 for t in targets])
+        pred = self.head(features)[:, 0]
+        return {"loss_count": ((pred - counts) ** 2).mean(), "loss_cover": ((pred.sigmoid() - pixels) ** 2).mean()}
 
 
 def train_set(tiles_dir, n_windows: int | None = None) -> TileDataset:
-    """The train windows; with n_windows, the first that hold nuclei (window 1 of the fixture has none)."""
-    ds = TileDataset(tiles_dir, "train", AugmentConfig(**NO_AUGMENT), seed=0)
+    """The train windows; with n_windows, the first that hold nuclei (window 0 of the fixture has none)."""
+    ds = TileDataset(tiles_dir, "train", NO_AUGMENT, seed=0)
     if n_windows is not None:
-        ds.images = [img for img in ds.images if ds.annotations[img["id"]]][:n_windows]
+        ds.entries = [e for e in ds.entries if e.instances > 0][:n_windows]
     return ds
 
 
@@ -94,15 +75,22 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6, rtol=0), key
 
 
-def test_tile_fixture_shape(tiles):
-    tiles_dir, _ = tiles
-    assert len(TileDataset(tiles_dir, "train")) == 8
-    assert len(TileDataset(tiles_dir, "val")) == 4
-    ds = train_set(tiles_dir, 2)
-    for image, target in (ds[0], ds[1]):
-        assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
-        assert target["boxes"].shape[0] == target["masks"].shape[0] > 0
-        assert target["masks"].shape[1:] == (64, 64)
+def differs(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
+def test_tile_fixture_shape(tiny_tiles):
+    assert len(TileDataset(tiny_tiles, "train")) == 8
+    assert not (tiny_tiles / "val").exists()  # val images are validated whole, never tiled
+    ds = train_set(tiny_tiles, 2)
+    for index in range(2):
+        image, target = ds[(1, index)]
+        assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+        n = target["boxes"].shape[0]
+        assert n == len(target["instance_ids"]) == ds.entries[index].instances > 0
+        masks = engine.targets_to_device(target, CPU)["masks"]
+        assert masks.shape == (n, 64, 64) and masks.dtype == torch.uint8
+        assert (masks.flatten(1).sum(1) > 0).all()
 
 
 def losses_of(result) -> list[float]:
@@ -111,61 +99,128 @@ def losses_of(result) -> list[float]:
     return losses
 
 
-def test_overfits_one_window_loss_halves_in_10_steps(tiles):
-    """10 Adam steps (lr 1e-4, the project default) on one window: mean of the last 3 losses < first loss / 2.
+@pytest.mark.slow
+def test_overfits_one_window_loss_halves_in_10_steps(tiny_tiles, small_model, train_cfg):
+    """10 Adam steps (lr 1e-4) on one window: mean of the last 3 losses < first loss / 2.
 
-    lr 1e-3 is unstable from scratch (the loss jumps 5 -> 38 by step 3), so the default lr is used.
+    lr 1e-3 is unstable from scratch (the loss jumps 5 -> 38 by step 3), so lr 1e-4 is used.
     """
-    tiles_dir, _ = tiles
     cfg = train_cfg(epochs=10, batch_size=1, samples_per_epoch=1, lr=1e-4)
-    losses = losses_of(engine.fit(small_model(), train_set(tiles_dir, 1), None, cfg, CPU, seed=0, show_progress=False))
+    losses = losses_of(engine.fit(small_model(), train_set(tiny_tiles, 1), cfg, CPU, seed=0, show_progress=False))
     assert len(losses) == 10
     assert sum(losses[-3:]) / 3 < losses[0] / 2, losses
 
 
 @pytest.mark.slow
-def test_overfits_two_windows_loss_falls_below_a_third_in_30_steps(tiles):
+def test_overfits_two_windows_loss_falls_below_a_third_in_30_steps(tiny_tiles, small_model, train_cfg):
     """30 Adam steps (lr 1e-4) on the same 2 windows, batch 2: mean of the last 3 losses < first loss / 3."""
-    tiles_dir, _ = tiles
     cfg = train_cfg(epochs=30, batch_size=2, samples_per_epoch=2, lr=1e-4)
-    result = engine.fit(small_model(), train_set(tiles_dir, 2), None, cfg, CPU, seed=0, show_progress=False)
+    result = engine.fit(small_model(), train_set(tiny_tiles, 2), cfg, CPU, seed=0, show_progress=False)
     losses = losses_of(result)
     assert len(losses) == 30
     assert sum(losses[-3:]) / 3 < losses[0] / 3, losses
-    assert result.best_epoch >= 20  # without val windows the lowest train loss wins, near the end
+    assert result.best_epoch >= 20  # without validation the lowest train loss wins, near the end
 
 
-RESUME_CFG = dict(epochs=2, batch_size=1, samples_per_epoch=1, lr=1e-4)
+# ----------------------------------------------------------------------------- best epoch = best val metric
+
+
+class ScriptedValidator:
+    """validate(model) with scripted whole-image metrics per call; keeps a copy of the weights it saw."""
+
+    def __init__(self, ap50_all: list[float], first_epoch: int = 1, every: int = 1):
+        self.values = list(ap50_all)
+        self.epochs = iter(range(first_epoch, 10_000, every))
+        self.seen: dict[int, dict] = {}
+
+    def __call__(self, model) -> dict:
+        epoch = next(self.epochs)
+        self.seen[epoch] = copy.deepcopy(model.state_dict())
+        value = self.values.pop(0)
+        # The shape WholeImageValidator returns: numbers, plus the operating metric's name (not a number).
+        return {"ap50_all": value, "ap50": value / 2, "f1": 1.0 - value, "pq": 0.5, "score_threshold": 0.3, "operating_metric": "f1"}
+
+
+def test_best_epoch_is_the_highest_val_metric_and_its_weights_are_kept(tiny_tiles, train_cfg):
+    validate = ScriptedValidator([0.2, 0.9, 0.5])
+    cfg = train_cfg(epochs=3, val_every=1, select_metric="ap50_all", lr=1e-2)
+    result = engine.fit(TinyDetector(), train_set(tiny_tiles, 1), cfg, CPU, seed=0, validate=validate, show_progress=False)
+    assert result.best_epoch == 2 and result.best_metric == 0.9
+    assert_same_state(result.best_state, validate.seen[2])
+    assert differs(result.best_state, validate.seen[3])  # the last epoch's weights are not what is kept
+    assert [r["val_ap50_all"] for r in result.history] == [0.2, 0.9, 0.5]
+    assert [r["best_epoch"] for r in result.history] == [1, 2, 2]
+    assert all("val_operating_metric" not in r for r in result.history)  # only numbers become columns
+
+
+def test_select_metric_and_val_every(tiny_tiles, train_cfg):
+    """select_metric f1 picks another epoch than ap50_all would; epochs without validation never become best."""
+    validate = ScriptedValidator([0.2, 0.9, 0.5])
+    cfg = train_cfg(epochs=3, val_every=1, select_metric="f1", lr=1e-2)
+    assert engine.fit(TinyDetector(), train_set(tiny_tiles, 1), cfg, CPU, seed=0, validate=validate, show_progress=False).best_epoch == 1
+
+    # val_every 2 over 3 epochs: validation after epochs 2 and 3 (the last) only.
+    validate = ScriptedValidator([0.4, 0.3], first_epoch=2)
+    cfg = train_cfg(epochs=3, val_every=2, lr=1e-2)
+    result = engine.fit(TinyDetector(), train_set(tiny_tiles, 1), cfg, CPU, seed=0, validate=validate, show_progress=False)
+    assert sorted(validate.seen) == [2, 3]
+    assert ["val_ap50_all" in r for r in result.history] == [False, True, True]
+    assert result.best_epoch == 2
+    assert_same_state(result.best_state, validate.seen[2])
+
+
+@pytest.mark.parametrize("scripted, best", [([0.1, 0.7, 0.3], 2), ([0.8, 0.2, 0.1], 1)], ids=["best-at-checkpoint", "best-before"])
+def test_resume_keeps_the_best_weights(tiny_tiles, train_cfg, tmp_path, scripted, best):
+    """Checkpoint after epoch 2, resume to 3: the best weights survive, whether they are the checkpoint's
+    current weights (stored once) or an earlier epoch's."""
+    ckpt = tmp_path / "best.pt"
+    first = ScriptedValidator(scripted[:2])
+    engine.fit(TinyDetector(), train_set(tiny_tiles, 1), train_cfg(epochs=2, lr=1e-2), CPU, seed=0, validate=first, checkpoint_path=ckpt,
+               show_progress=False)
+    saved = engine.load_checkpoint(ckpt)
+    assert saved["best"]["epoch"] == best and (saved["best"]["state"] is None) == (best == 2)
+    second = ScriptedValidator(scripted[2:], first_epoch=3)
+    result = engine.fit(TinyDetector(seed=5), train_set(tiny_tiles, 1), train_cfg(epochs=3, lr=1e-2), CPU, seed=0, validate=second,
+                        checkpoint_path=ckpt, show_progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.best_epoch == best
+    assert_same_state(result.best_state, first.seen[best])
+
+
+# ----------------------------------------------------------------------------- resume, kill, NaN
+
+RESUME = dict(epochs=2, batch_size=1, samples_per_epoch=1, lr=1e-4)
 
 
 @pytest.fixture(scope="module")
-def straight_run(tiles, tmp_path_factory):
+def straight_run(tiny_tiles, tmp_path_factory, small_model, train_cfg):  # Mask R-CNN: slow tests only
     """2 epochs (1 step each) without interruption: the reference for the resume tests."""
-    tiles_dir, _ = tiles
     ckpt = tmp_path_factory.mktemp("straight") / "a.pt"
     model = small_model()
-    result = engine.fit(model, train_set(tiles_dir), None, train_cfg(**RESUME_CFG), CPU, seed=0, checkpoint_path=ckpt, show_progress=False)
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
-    return result, model.state_dict()
+    result = engine.fit(model, train_set(tiny_tiles), train_cfg(**RESUME), CPU, seed=0, checkpoint_path=ckpt, show_progress=False)
+    assert engine.load_checkpoint(ckpt)["epoch"] == 2
+    return result, copy.deepcopy(model.state_dict())
 
 
-def test_resume_replays_exactly(tiles, tmp_path, straight_run):
-    """1 epoch to a checkpoint, then a fresh model resumed to epoch 2 == 2 epochs straight (weights, losses, best)."""
-    tiles_dir, _ = tiles
+@pytest.mark.slow
+def test_resume_replays_exactly(tiny_tiles, tmp_path, straight_run, small_model, train_cfg):
+    """1 epoch to a checkpoint, then a fresh model resumed to epoch 2 == 2 epochs straight (weights, losses, best), bit for bit."""
     straight, straight_state = straight_run
     ckpt = tmp_path / "b.pt"
-    first = engine.fit(small_model(), train_set(tiles_dir), None, train_cfg(**{**RESUME_CFG, "epochs": 1}), CPU, seed=0, checkpoint_path=ckpt, show_progress=False)
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 1
-    assert first.history[0]["train_loss"] == pytest.approx(straight.history[0]["train_loss"], abs=1e-6)
+    first = engine.fit(small_model(), train_set(tiny_tiles), train_cfg(**{**RESUME, "epochs": 1}), CPU, seed=0, checkpoint_path=ckpt,
+                       show_progress=False)
+    assert engine.load_checkpoint(ckpt)["epoch"] == 1
+    assert first.history[0]["train_loss"] == straight.history[0]["train_loss"]
 
     model = small_model(seed=99)  # a different init: everything must come from the checkpoint
-    resumed = engine.fit(model, train_set(tiles_dir), None, train_cfg(**RESUME_CFG), CPU, seed=0, checkpoint_path=ckpt, show_progress=False)
+    resumed = engine.fit(model, train_set(tiny_tiles), train_cfg(**RESUME), CPU, seed=0, checkpoint_path=ckpt, show_progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
-    assert resumed.history[1]["train_loss"] == pytest.approx(straight.history[1]["train_loss"], abs=1e-6)
-    assert resumed.history[1]["lr"] == pytest.approx(straight.history[1]["lr"])
-    assert_same_state(model.state_dict(), straight_state)
+    assert resumed.history[1]["train_loss"] == straight.history[1]["train_loss"]
+    assert resumed.history[1]["lr"] == straight.history[1]["lr"]
+    for key, value in straight_state.items():
+        assert torch.equal(model.state_dict()[key], value), key
     assert resumed.best_epoch == straight.best_epoch
-    assert_same_state(resumed.best_state, straight.best_state)
+    for key, value in straight.best_state.items():
+        assert torch.equal(resumed.best_state[key], value), key
 
 
 class KilledInEpoch(TileDataset):
@@ -173,28 +228,45 @@ class KilledInEpoch(TileDataset):
 
     kill_epoch = 2
 
-    def __getitem__(self, index):
-        if self.epoch == self.kill_epoch:
+    def __getitem__(self, key):
+        epoch, _ = key
+        if epoch == self.kill_epoch:
             raise KeyboardInterrupt("killed (simulated)")
-        return super().__getitem__(index)
+        return super().__getitem__(key)
 
 
-def test_killed_run_resumes_from_last_checkpoint(tiles, tmp_path, straight_run):
-    tiles_dir, _ = tiles
-    _, straight_state = straight_run
+def test_killed_run_resumes_from_last_checkpoint(tiny_tiles, tmp_path, train_cfg):
+    """Killed in epoch 2 (after epoch 1's checkpoint), run again: only epoch 2 runs, and the weights equal an uninterrupted run's."""
+    cfg = train_cfg(**{**RESUME, "lr": 1e-2})
+    straight = TinyDetector()
+    engine.fit(straight, train_set(tiny_tiles), cfg, CPU, seed=0, show_progress=False)
+
     ckpt = tmp_path / "run.pt"
-    killed = KilledInEpoch(tiles_dir, "train", AugmentConfig(**NO_AUGMENT), seed=0)
+    killed = KilledInEpoch(tiny_tiles, "train", NO_AUGMENT, seed=0)
     with pytest.raises(KeyboardInterrupt):
-        engine.fit(small_model(), killed, None, train_cfg(**RESUME_CFG), CPU, seed=0, checkpoint_path=ckpt, show_progress=False)
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 1
+        engine.fit(TinyDetector(), killed, cfg, CPU, seed=0, checkpoint_path=ckpt, show_progress=False)
+    assert engine.load_checkpoint(ckpt)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["run.pt"], "atomic save left a temp folder"
 
     seen = []
-    model = small_model(seed=7)
-    engine.fit(model, train_set(tiles_dir), None, train_cfg(**RESUME_CFG), CPU, seed=0, checkpoint_path=ckpt, on_epoch_end=seen.append, show_progress=False)
+    model = TinyDetector(seed=7)
+    engine.fit(model, train_set(tiny_tiles), cfg, CPU, seed=0, checkpoint_path=ckpt, on_epoch_end=seen.append, show_progress=False)
     assert [row["epoch"] for row in seen] == [2]
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
-    assert_same_state(model.state_dict(), straight_state)
+    assert engine.load_checkpoint(ckpt)["epoch"] == 2
+    for key, value in straight.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_checkpoint_holds_only_tensors_and_plain_data(tmp_path, tiny_tiles, train_cfg):
+    ckpt = tmp_path / "plain.pt"
+    engine.fit(TinyDetector(), train_set(tiny_tiles), train_cfg(**{**RESUME, "epochs": 1}), CPU, seed=0, checkpoint_path=ckpt,
+               extra_state={"mlflow_run_id": "abc"}, show_progress=False)
+    saved = torch.load(ckpt, weights_only=True)  # raises if anything else is in it
+    assert saved["run"] == {"mlflow_run_id": "abc"} and saved["epoch"] == 1
+    torch.save({"model": saved["model"]}, tmp_path / "foreign.pt")  # a weights file, not a checkpoint
+    with pytest.raises(NucleisegError, match="delete it"):
+        engine.fit(TinyDetector(), train_set(tiny_tiles), train_cfg(**RESUME), CPU, seed=0, checkpoint_path=tmp_path / "foreign.pt",
+                   show_progress=False)
 
 
 class NanModel(torch.nn.Module):
@@ -206,169 +278,18 @@ class NanModel(torch.nn.Module):
         return {"loss_mask": self.weight * float("nan"), "loss_classifier": self.weight * 0.5}
 
 
-def test_non_finite_loss_stops_training(tiles, tmp_path):
-    tiles_dir, _ = tiles
+def test_non_finite_loss_stops_training(tiny_tiles, tmp_path, train_cfg):
     ckpt = tmp_path / "nan.pt"
     seen = []
     with pytest.raises(NucleisegError, match="non-finite") as info:
-        engine.fit(NanModel(), train_set(tiles_dir), None, train_cfg(epochs=2), CPU, seed=0, checkpoint_path=ckpt, on_epoch_end=seen.append, show_progress=False)
+        engine.fit(NanModel(), train_set(tiny_tiles), train_cfg(epochs=2), CPU, seed=0, checkpoint_path=ckpt, on_epoch_end=seen.append,
+                   show_progress=False)
     assert "loss_mask=nan" in str(info.value) and "train.lr" in str(info.value)
+    assert "\n" not in str(info.value)
     assert not ckpt.exists() and seen == []
 
 
-def train_params(**train_overrides) -> dict:
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    params = copy.deepcopy(params)
-    params["backbone"] = "resnet18"
-    params["model"].update(weights="none", **SMALL_MODEL)
-    params["train"].update(epochs=2, batch_size=1, workers=0, samples_per_epoch=1, device="cpu", warmup_iters=2,
-                           lr=1e-4, lr_drop_epoch=0, augment=dict(NO_AUGMENT), **train_overrides)
-    return params
-
-
-def outputs(root: Path) -> training.TrainOutputs:
-    return training.TrainOutputs(model=root / "models/model.pt", run=root / "models/run.json",
-                                 metrics=root / "metrics/train.json", curves=root / "plots/train.csv")
-
-
-def test_run_training_logs_a_complete_mlflow_run(tiles_one_val, mlflow_home):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    tiles_dir, split_file = tiles_one_val
-    out = outputs(mlflow_home)
-    params = train_params()
-    metrics = training.run_training(params, tiles_dir, split_file, outputs=out, show_progress=False)
-
-    # Outputs on disk.
-    assert metrics["epochs"] == 2 and metrics["best_epoch"] in (1, 2)
-    assert json.loads(out.metrics.read_text()) == metrics
-    curves = out.curves.read_text().splitlines()
-    assert curves[0].split(",")[:4] == ["epoch", "train_loss", "val_loss", "val_ap50"] and len(curves) == 3
-    saved = torch.load(out.model, weights_only=False)
-    assert saved["model_config"]["backbone"] == "resnet18" and saved["best_epoch"] == metrics["best_epoch"]
-    assert not training.checkpoint_path(params, split_file).exists(), "resume checkpoint left behind after success"
-
-    # The model rebuilds from model.pt alone.
-    model, ckpt = load_trained(out.model)
-    assert not model.training
-    assert_same_state(model.state_dict(), saved["model"])
-    with torch.no_grad():
-        (pred,) = model([torch.rand(3, 64, 64)])
-    assert pred["boxes"].shape[0] <= SMALL_MODEL["detections_per_img"]
-
-    # The MLflow run.
-    run_info = json.loads(out.run.read_text())
-    assert run_info["tracking_uri"].startswith("sqlite:///") and str(mlflow_home) in run_info["tracking_uri"]
-    client = MlflowClient(run_info["tracking_uri"])
-    run = client.get_run(run_info["run_id"])
-    assert run.info.status == "FINISHED"
-    assert run.data.params["backbone"] == "resnet18"
-    assert float(run.data.params["train.lr"]) == pytest.approx(1e-4)
-    assert run.data.params["model.weights"] == "none"
-    assert run.data.params["train_windows"] == "8" and run.data.params["val_windows"] == "1"
-    assert run.data.tags["backbone"] == "resnet18" and run.data.tags["device"] == "cpu"
-    assert run.data.tags["torch"] == torch.__version__
-    history = client.get_metric_history(run.info.run_id, "train/loss")
-    assert sorted(m.step for m in history) == [1, 2]
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/window_ap50")) == [1, 2]
-    assert "val/loss" in run.data.metrics and "lr" in run.data.metrics
-    assert run.data.metrics["train/best_epoch"] == metrics["best_epoch"]
-
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "weights")}
-    assert artifacts == {"weights/model.pt"}
-    plots = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
-    assert plots and all(p.endswith(".png") for p in plots)
-
-    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
-    assert [m.source_run_id for m in logged] == [run.info.run_id]
-    assert logged[0].name == "model"
-    files = {a.path for a in client.list_logged_model_artifacts(logged[0].model_id)}
-    assert "MLmodel" in files
-    mlflow.set_tracking_uri(run_info["tracking_uri"])
-    reloaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
-    assert_same_state(reloaded.state_dict(), saved["model"])
-
-
-def test_crash_inside_the_run_marks_it_failed(tiles, mlflow_home, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    from nucleiseg import tracking
-
-    tiles_dir, split_file = tiles
-
-    def crash(*args, **kwargs):
-        raise RuntimeError("out of memory (simulated)")
-
-    monkeypatch.setattr(training, "fit", crash)
-    with pytest.raises(RuntimeError, match="simulated"):
-        training.run_training(train_params(), tiles_dir, split_file, outputs=outputs(mlflow_home), show_progress=False)
-    client = MlflowClient(tracking.tracking_uri())
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
-    (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.status == "FAILED"
-    assert run.data.params["backbone"] == "resnet18"
-    assert not (mlflow_home / "models" / "model.pt").exists()
-    assert not (mlflow_home / "models" / "run.json").exists()
-
-
-DDP_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from pathlib import Path
-    import torch
-    torch.set_num_threads(1)
-    from nucleiseg import engine
-    from nucleiseg.config import AugmentConfig, ModelConfig, TrainConfig
-    from nucleiseg.dataset import TileDataset
-    from nucleiseg.model import build_model
-
-    tiles_dir, out_dir, epochs = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-    small = json.loads(sys.argv[4])
-    dist = engine.dist_info()
-    torch.distributed.init_process_group("gloo")
-    torch.manual_seed(dist.rank)  # different init per rank: DDP must make them agree
-    model = build_model(ModelConfig(backbone="resnet18", weights="none", **small))
-    ds = TileDataset(tiles_dir, "train", None, 0)
-    ds.images = ds.images[:4]  # 2 windows per rank: one step of batch 2 each
-    ran = []
-    ds.set_epoch = lambda epoch: (ran.append(epoch), TileDataset.set_epoch(ds, epoch))
-    cfg = TrainConfig(epochs=epochs, batch_size=2, lr=1e-3, warmup_iters=1, lr_drop_epoch=0, amp=False, device="cpu", workers=0)
-    result = engine.fit(model, ds, None, cfg, torch.device("cpu"), 0, out_dir / "ckpt.pt", dist=dist, show_progress=False)
-    torch.save(model.state_dict(), out_dir / f"rank{dist.rank}-epochs{epochs}.pt")
-    # One file per rank: two processes printing to one pipe can interleave mid-line.
-    (out_dir / f"rank{dist.rank}-epochs{epochs}.json").write_text(json.dumps({"ran": ran, "history": [r["epoch"] for r in result.history]}))
-    torch.distributed.destroy_process_group()
-    """
-)
-
-
-def test_ddp_two_processes_gloo(tiles, tmp_path):
-    """torchrun, 2 CPU processes: both finish, weights agree, rank 0 writes the checkpoint; a resumed run agrees too."""
-    tiles_dir, _ = tiles
-    script = tmp_path / "ddp_fit.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for epochs in (1, 2):  # the second run resumes from the first's checkpoint on every rank
-        proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-             str(tiles_dir), str(tmp_path), str(epochs), json.dumps(SMALL_MODEL)],
-            capture_output=True, text=True, timeout=300, env=env,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-        assert ckpt["epoch"] == epochs
-        rank0 = torch.load(tmp_path / f"rank0-epochs{epochs}.pt")
-        rank1 = torch.load(tmp_path / f"rank1-epochs{epochs}.pt")
-        # Parameters agree; BN running statistics are per rank (DDP broadcasts rank 0's before each forward).
-        params = lambda state: {k: v for k, v in state.items() if "running_" not in k and "num_batches" not in k}  # noqa: E731
-        assert_same_state(params(rank0), params(rank1))
-        assert_same_state(rank0, ckpt["model"])
-    for rank in (0, 1):  # the resumed run trained only epoch 2, and its history holds both epochs
-        assert json.loads((tmp_path / f"rank{rank}-epochs2.json").read_text()) == {"ran": [2], "history": [1, 2]}
-
-
-def test_lr_drops_at_the_start_of_lr_drop_epoch():
+def test_lr_drops_at_the_start_of_lr_drop_epoch(train_cfg):
     """Epochs count from 1: with lr_drop_epoch=3 and 4 iterations an epoch, iterations 8+ (epoch 3) run at lr x factor."""
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)
@@ -379,3 +300,200 @@ def test_lr_drops_at_the_start_of_lr_drop_epoch():
         optimizer.step()
         scheduler.step()
     assert lrs[:8] == [1.0] * 8 and lrs[8:] == pytest.approx([0.1] * 4)
+
+
+def test_autocast_dtype_is_cuda_only():
+    assert engine.autocast_dtype("bf16", CPU) is None and engine.autocast_dtype("auto", CPU) is None
+    cuda = torch.device("cuda", 0)
+    assert engine.autocast_dtype("off", cuda) is None
+    assert engine.autocast_dtype("fp16", cuda) == torch.float16 and engine.autocast_dtype("bf16", cuda) == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- the train stage's job
+
+
+def outputs(root) -> training.TrainOutputs:
+    return training.TrainOutputs(model=root / "models/model.pt", run=root / "models/run.json",
+                                 metrics=root / "metrics/train.json", curves=root / "plots/train.csv")
+
+
+def inputs(data_root) -> training.TrainInputs:
+    return training.TrainInputs(tiles=data_root / "data/tiles", split=data_root / "data/split.json", raw=data_root / "data/raw")
+
+
+@pytest.mark.slow
+def test_run_training_keeps_the_best_val_epoch_and_logs_a_complete_mlflow_run(tiny_data, mlflow_store, make_params, monkeypatch):
+    """2 epochs with the real whole-image validator, its ap50_all overridden to 0.9 then 0.1: model.pt holds
+    epoch 1's weights; outputs, MLflow params/metrics/artifacts/model agree."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    real_validator = training._validator
+    seen: dict[int, dict] = {}
+    real_metrics: list[dict] = []
+
+    def scripted_validator(params, inputs_, device):
+        real = real_validator(params, inputs_, device)
+
+        class Scripted:
+            samples = real.samples
+
+            def __call__(self, model):
+                metrics = real(model)  # the real thing runs: predictor on the whole val image + evaluate
+                real_metrics.append(metrics)
+                epoch = len(real_metrics)
+                seen[epoch] = copy.deepcopy(model.state_dict())
+                return {**metrics, "ap50_all": [0.9, 0.1][epoch - 1]}
+
+        return Scripted()
+
+    monkeypatch.setattr(training, "_validator", scripted_validator)
+    out = outputs(mlflow_store)
+    params = make_params()
+    metrics = training.run_training(params, inputs(tiny_data), out, show_progress=False)
+
+    # Real validation ran on the whole val image and returned the evaluate stage's metrics.
+    for m in real_metrics:
+        assert {"ap50", "ap50_all", "f1", "pq", "aji", "score_threshold", "f1_all_detections"} <= set(m)
+        assert all(0.0 <= m[k] <= 1.0 for k in ("ap50", "ap50_all", "f1", "pq"))
+        assert m["score_threshold"] >= params.infer.score_threshold
+
+    # Outputs on disk: the best epoch is the one with the highest val ap50_all, and model.pt holds its weights.
+    assert metrics["epochs"] == 2 and metrics["best_epoch"] == 1 and metrics["select_metric"] == "val_ap50_all"
+    assert metrics["val_ap50_all"] == 0.9 and metrics["val_f1"] == real_metrics[0]["f1"]
+    assert json.loads(out.metrics.read_text()) == metrics
+    curves = out.curves.read_text().splitlines()
+    assert curves[0].split(",") == training.CURVE_COLUMNS and len(curves) == 3
+    assert [line.split(",")[2] for line in curves[1:]] == ["0.9", "0.1"]
+    saved = torch.load(out.model, weights_only=True)  # plain data: loads without unpickling code
+    assert saved["model_config"] == dataclasses.asdict(params.model) and saved["best_epoch"] == 1
+    assert_same_state(saved["model"], seen[1])
+    assert differs(saved["model"], seen[2])
+    assert not training.checkpoint_path(params, inputs(tiny_data).split).exists(), "resume checkpoint left behind after success"
+
+    # The model rebuilds from model.pt alone.
+    model, _ = load_trained(out.model)
+    assert not model.training
+    assert_same_state(model.state_dict(), saved["model"])
+    with torch.no_grad():
+        (pred,) = model([torch.rand(3, 64, 64)])
+    assert pred["boxes"].shape[0] <= params.model.detections_per_img
+
+    # The MLflow run.
+    run_info = json.loads(out.run.read_text())
+    assert run_info["tracking_uri"].startswith("sqlite:///") and str(mlflow_store) in run_info["tracking_uri"]
+    client = MlflowClient(run_info["tracking_uri"])
+    run = client.get_run(run_info["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["backbone"] == "resnet18"
+    assert float(run.data.params["train.lr"]) == pytest.approx(1e-4)
+    assert run.data.params["model.weights"] == "none"
+    assert run.data.params["train_windows"] == "8" and run.data.params["val_images"] == "1"
+    assert run.data.tags["backbone"] == "resnet18" and run.data.tags["device"] == "cpu"
+    assert run.data.tags["torch"] == torch.__version__
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2]
+    val_curve = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/ap50_all"))
+    assert val_curve == [(1, 0.9), (2, 0.1)]
+    assert "val/f1" in run.data.metrics and "lr" in run.data.metrics and "windows_per_second" in run.data.metrics
+    assert run.data.metrics["train/best_epoch"] == 1
+
+    plots = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
+    assert plots and all(p.endswith(".png") for p in plots)
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.source_run_id for m in logged] == [run.info.run_id]
+    assert logged[0].name == "model"
+    files = {a.path for a in client.list_logged_model_artifacts(logged[0].model_id)}
+    assert "MLmodel" in files
+    mlflow.set_tracking_uri(run_info["tracking_uri"])
+    reloaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert_same_state(reloaded.state_dict(), saved["model"])
+
+
+def test_crash_inside_the_run_marks_it_failed(tiny_data, mlflow_store, make_params, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from nucleiseg import tracking
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(training, "fit", crash)
+    out = outputs(mlflow_store)
+    out.model.parent.mkdir(parents=True)
+    out.model.write_text("an earlier training's model")
+    out.run.write_text("{}")
+    with pytest.raises(RuntimeError, match="simulated"):
+        training.run_training(make_params(), inputs(tiny_data), out, show_progress=False)
+    client = MlflowClient(tracking.tracking_uri())
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.params["backbone"] == "resnet18"
+    assert not out.model.exists() and not out.run.exists()  # no stale outputs naming an earlier run
+
+
+# ----------------------------------------------------------------------------- DDP
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    from nucleiseg import engine
+    from nucleiseg.config import ModelConfig, params_from_dict
+    from nucleiseg.dataset import TileDataset
+    from nucleiseg.model import build_model
+
+    tiles_dir, out_dir, epochs = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    model_cfg = ModelConfig(**json.loads(sys.argv[4]))
+    dist = engine.dist_info()
+    torch.distributed.init_process_group("gloo")
+    torch.manual_seed(dist.rank)  # different init per rank: DDP must make them agree
+    model = build_model(model_cfg)
+
+    class Recording(TileDataset):
+        ran = []
+
+        def __getitem__(self, key):
+            self.ran.append(key[0])
+            return super().__getitem__(key)
+
+    ds = Recording(tiles_dir, "train", None, 0)
+    ds.entries = ds.entries[:4]  # 2 windows per rank: one step of batch 2 each
+    cfg = params_from_dict({"train": {"epochs": epochs, "batch_size": 2, "lr": 1e-3, "warmup_iters": 1, "lr_drop_epoch": 0,
+                                      "amp": "off", "workers": 0}}).train
+    result = engine.fit(model, ds, cfg, torch.device("cpu"), 0, None, out_dir / "ckpt.pt", dist=dist, show_progress=False)
+    torch.save(model.state_dict(), out_dir / f"rank{dist.rank}-epochs{epochs}.pt")
+    # One file per rank: two processes printing to one pipe can interleave mid-line.
+    (out_dir / f"rank{dist.rank}-epochs{epochs}.json").write_text(
+        json.dumps({"ran": sorted(set(Recording.ran)), "samples": len(Recording.ran), "history": [r["epoch"] for r in result.history]}))
+    torch.distributed.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tiny_tiles, tiny_model_cfg, tmp_path):
+    """torchrun, 2 CPU processes: both finish, weights agree, rank 0 writes the checkpoint; a resumed run agrees too."""
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for epochs in (1, 2):  # the second run resumes from the first's checkpoint on every rank
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+             str(tiny_tiles), str(tmp_path), str(epochs), json.dumps(dataclasses.asdict(tiny_model_cfg))],
+            capture_output=True, text=True, timeout=300, env=env,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        ckpt = engine.load_checkpoint(tmp_path / "ckpt.pt")
+        assert ckpt["epoch"] == epochs
+        rank0 = torch.load(tmp_path / f"rank0-epochs{epochs}.pt", weights_only=True)
+        rank1 = torch.load(tmp_path / f"rank1-epochs{epochs}.pt", weights_only=True)
+        # Parameters agree; BN running statistics are per rank (DDP broadcasts rank 0's before each forward).
+        params = lambda state: {k: v for k, v in state.items() if "running_" not in k and "num_batches" not in k}  # noqa: E731
+        assert_same_state(params(rank0), params(rank1))
+        assert_same_state(rank0, ckpt["model"])
+    for rank in (0, 1):  # the resumed run trained only epoch 2 (2 windows per rank), and its history holds both epochs
+        assert json.loads((tmp_path / f"rank{rank}-epochs2.json").read_text()) == {"ran": [2], "samples": 2, "history": [1, 2]}
