@@ -70,6 +70,7 @@ fi
 (command -v nvidia-smi >/dev/null && nvidia-smi dmon -s um -d 5 > "$OUT/gpu.txt" 2>&1) & DM=$!
 timeout -s INT ${TRAIN_S:-330} python3 stages/train.py; mark "train rc=$?"
 kill $DM 2>/dev/null
+mkdir -p models
 if [ ! -f models/model.pt ]; then
   # Stopped by TRAIN_S: the checkpoint's best epoch (tensors only) becomes the model.
   python3 - <<'PY' || exit 1

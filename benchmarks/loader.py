@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from nucleiseg.config import AugmentConfig
-from nucleiseg.dataset import MIN_MASK_PIXELS, EpochSampler, TileDataset, draw_params
+from nucleiseg.dataset import MIN_MASK_PIXELS, EpochBatches, EpochSampler, TileDataset, draw_params
 from nucleiseg.engine import build_loader
 from nucleiseg.tiles import read_window
 
@@ -93,10 +93,11 @@ def main() -> None:
         print(f"speed-up {new / old:.1f}x")
         if args.workers:
             sampler = EpochSampler(n, 0, samples_per_epoch=max(args.samples, 4 * args.workers * 4))
-            loader = build_loader(dataset, sampler, 4, args.workers, pin_memory=False)
-            next(iter(loader))  # start the workers
+            loader = build_loader(dataset, EpochBatches(sampler, 4, 1, 1), args.workers, pin_memory=False)
+            batches = iter(loader)
+            next(batches)  # the workers are up
             started = time.perf_counter()
-            count = sum(len(images) for images, _ in loader)
+            count = sum(len(images) for images, _ in batches)
             per_s = count / (time.perf_counter() - started)
             print(f"DataLoader, {args.workers} workers: {per_s:.1f} samples/s ({per_s / args.workers:.1f} per worker)")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from nucleiseg.config import AugmentConfig, ModelConfig, TrainConfig
-from nucleiseg.dataset import EpochSampler, TileDataset, default_workers
+from nucleiseg.dataset import EpochBatches, EpochSampler, TileDataset, default_workers
 from nucleiseg.engine import targets_to_device, build_loader, build_optimizer, build_scheduler, seed_everything
 from nucleiseg.model import build_model
 from nucleiseg.synthetic import generate_dataset
@@ -67,7 +67,7 @@ def run_variant(name: str, dataset, args, device) -> None:
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     total = args.warmup + args.steps
     sampler = EpochSampler(len(dataset), 0, samples_per_epoch=total * args.batch_size)
-    loader = build_loader(dataset, sampler, args.batch_size, args.workers, pin_memory=device.type == "cuda")
+    loader = build_loader(dataset, EpochBatches(sampler, args.batch_size, 1, 1), args.workers, pin_memory=device.type == "cuda")
     util = Utilisation() if device.type == "cuda" else None
     waited = 0.0
     batches = iter(loader)
@@ -117,8 +117,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     with tempfile.TemporaryDirectory(prefix="nucleiseg-bench-") as tmp:
         tiles = args.tiles or make_tiles(Path(tmp), args.size)
         dataset = TileDataset(tiles, "train", AugmentConfig(crop=min(384, args.size)), seed=0)

@@ -298,7 +298,7 @@ def test_download_stage_without_params(tmp_path):
 
 
 def test_download_stage_synthetic(tmp_path):
-    params = {"seed": 3, "data": {"source": "synthetic", "sha256": None, "synthetic": {"n_train": 1, "n_test": 1, "size": 32}}}
+    params = {"seed": 3, "data": {"source": "synthetic", "sha256": None, "synthetic": {"n_train": 2, "n_test": 1, "size": 64}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = _run_stage("download.py", tmp_path)
     assert result.returncode == 0, result.stderr

@@ -466,7 +466,7 @@ def test_ground_truth_through_export_and_evaluate_scores_perfect(repo, tiny_spli
     assert exported.returncode == 0, exported.stderr[-3000:]
     answer = json.loads((repo / "submission" / "answer.json").read_text())
     assert len(answer) == sum(len(r.instances) for r in test_recs)
-    scored = evaluation.evaluate(evaluation.test_records(repo / "test_gt.json"), answer, 100).metrics
+    scored = evaluation.evaluate(evaluation.coco_records(repo / "test_gt.json"), answer, 100).metrics
     assert scored["ap50_all"] == 1.0 and scored["f1"] == 1.0 and scored["aji"] == pytest.approx(1.0)
 
     evaluated = _stage("evaluate", repo, env)

@@ -236,7 +236,7 @@ class TrainConfig:
     gpus: int = param(1, integer(1, 64))
     workers: int | str = param("auto", int_or_auto(0))
     samples_per_epoch: int | None = param(None, integer(1, 10_000_000, optional=True))
-    val_every: int = param(5, integer(1, 100_000))
+    val_every: int = param(10, integer(1, 100_000))
     select_metric: str = param("ap50_all", choice(*SELECT_METRICS))
     augment: AugmentConfig = section(AugmentConfig)
 

@@ -219,12 +219,37 @@ class EpochSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.per_rank
 
-    def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def indices(self, epoch: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, epoch])
         needed = self.per_rank * self.world_size
         order = np.concatenate([rng.permutation(self.n) for _ in range(math.ceil(needed / self.n))])[:needed]
-        for index in order[self.rank :: self.world_size]:
-            yield self.epoch, int(index)
+        return [int(i) for i in order[self.rank :: self.world_size]]
+
+    def __iter__(self):
+        for index in self.indices(self.epoch):
+            yield self.epoch, index
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of (epoch, index) for epochs first..last, epoch after epoch, for one long-lived
+    loader iterator: prefetching runs on across epoch ends and validation pauses, where a
+    fresh iterator per epoch would make the first steps of each epoch wait."""
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, first: int, last: int):
+        self.sampler, self.batch_size, self.first, self.last = sampler, batch_size, first, last
+
+    @property
+    def per_epoch(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.per_epoch * max(self.last - self.first + 1, 0)
+
+    def __iter__(self):
+        for epoch in range(self.first, self.last + 1):
+            keys = [(epoch, index) for index in self.sampler.indices(epoch)]
+            for start in range(0, len(keys), self.batch_size):
+                yield keys[start : start + self.batch_size]
 
 
 def default_workers() -> int:

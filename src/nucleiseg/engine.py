@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .dataset import EpochSampler, collate, default_workers, expand_masks
+from .dataset import EpochBatches, EpochSampler, collate, default_workers, expand_masks
 from .errors import NucleisegError
 from .io import atomic_path
 
@@ -112,12 +112,11 @@ def _quiet_worker(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def build_loader(dataset, sampler, batch_size: int, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """One loader for the whole training: its worker processes stay up between epochs and
-    keep batches prefetched while the model steps."""
-    extra = {"persistent_workers": True, "prefetch_factor": 4, "worker_init_fn": _quiet_worker} if workers > 0 else {}
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       collate_fn=collate, pin_memory=pin_memory, **extra)
+def build_loader(dataset, batches: EpochBatches, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """One loader for the whole training: its workers keep batches prefetched while the model
+    steps, across epoch ends and validation."""
+    extra = {"prefetch_factor": 4, "worker_init_fn": _quiet_worker} if workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate, pin_memory=pin_memory, **extra)
 
 
 def targets_to_device(target: dict, device: torch.device) -> dict:
@@ -125,21 +124,17 @@ def targets_to_device(target: dict, device: torch.device) -> dict:
     return expand_masks(moved)
 
 
-def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, amp_dtype: torch.dtype | None = None,
+def train_one_epoch(model, optimizer, scheduler, batches, steps_per_epoch: int, device, epoch: int, amp_dtype: torch.dtype | None = None,
                     scaler=None, grad_clip: float = 0.0, show_progress: bool = True) -> dict[str, float]:
-    """One pass over `loader`; returns the mean of each loss component, 'loss', and
-    'loader_wait_seconds' (time the step waited for its batch)."""
+    """`steps_per_epoch` steps on batches from the iterator `batches`; returns the mean of each loss
+    component, 'loss', and 'loader_wait_seconds' (time the steps waited for their batch)."""
     model.train()
     totals: dict[str, float] = {}
     steps, waited = 0, 0.0
-    batches = iter(loader)
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", disable=None if show_progress else True, leave=False)
-    while True:
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="batch", disable=None if show_progress else True, leave=False)
+    while steps < steps_per_epoch:
         started = time.perf_counter()
-        try:
-            images, targets = next(batches)
-        except StopIteration:
-            break
+        images, targets = next(batches)
         waited += time.perf_counter() - started
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [targets_to_device(t, device) for t in targets]
@@ -232,15 +227,15 @@ def fit(
     """
     dist = dist or DistInfo()
     model.to(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # training crops have one size: pick the fastest kernels once
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
+    # cudnn.benchmark stays off: the RoI heads see a different number of boxes every step, and
+    # benchmark mode autotunes each new shape (on an H200 the first epochs ran 5-7 windows/s).
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     workers = default_workers() if cfg.workers == "auto" else int(cfg.workers)
     sampler = EpochSampler(len(train_set), seed, cfg.samples_per_epoch, dist.rank, dist.world_size)
-    loader = build_loader(train_set, sampler, cfg.batch_size, workers, pin_memory=device.type == "cuda")
+    steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, len(loader))
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     select_key = f"val_{cfg.select_metric}" if validate is not None else None
@@ -265,11 +260,13 @@ def fit(
 
     log.info("training on %s: %d windows per epoch, batch %d, %d loader workers, amp %s", device, len(sampler) * dist.world_size,
              cfg.batch_size, workers, amp_dtype or "off")
+    loader = build_loader(train_set, EpochBatches(sampler, cfg.batch_size, start_epoch, cfg.epochs), workers, pin_memory=device.type == "cuda")
+    batches = iter(loader)
     for epoch in range(start_epoch, cfg.epochs + 1):
         seed_everything(seed * 1000 + epoch)
-        sampler.set_epoch(epoch)
         started = time.perf_counter()
-        losses = train_one_epoch(train_model, optimizer, scheduler, loader, device, epoch, amp_dtype, scaler, cfg.grad_clip, show_progress and dist.is_main)
+        losses = train_one_epoch(train_model, optimizer, scheduler, batches, steps_per_epoch, device, epoch, amp_dtype, scaler,
+                                 cfg.grad_clip, show_progress and dist.is_main)
         seconds = time.perf_counter() - started
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
                "windows_per_second": len(sampler) * dist.world_size / max(seconds, 1e-9),

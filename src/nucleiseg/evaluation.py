@@ -122,7 +122,7 @@ def _write_csv(path: Path, header, rows) -> None:
             writer.writerows(rows)
 
 
-def test_records(annotations_path: str | Path) -> list[coco.ImageRecord]:
+def coco_records(annotations_path: str | Path) -> list[coco.ImageRecord]:
     """Ground truth of the test images from a COCO instances file (data.test_annotations)."""
     doc = read_json(annotations_path)
     if not isinstance(doc, dict) or "images" not in doc or "annotations" not in doc:
@@ -148,7 +148,7 @@ def evaluate_predictions(raw_dir: Path, split_file: Path, predictions_dir: Path,
     metrics = dict(val.metrics)
     threshold = metrics["score_threshold"]
     if test_annotations:
-        test = evaluate(test_records(test_annotations), read_json(predictions_dir / "test.json"), cfg.max_dets_all,
+        test = evaluate(coco_records(test_annotations), read_json(predictions_dir / "test.json"), cfg.max_dets_all,
                         cfg.operating_metric, score_threshold=threshold)
         metrics["test"] = test.metrics
     predicted = coco.instances_by_image(results)

@@ -242,7 +242,9 @@ def _load_tensors(path: Path, what: str):
     """torch.load restricted to tensors and plain data: a model file never runs code."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc) and "not an allowed global" not in str(exc):
+            raise NucleisegError(f"{path}: cannot load ({str(exc).splitlines()[0] if str(exc) else 'unpickling failed'}); is it a {what}?") from None
         raise NucleisegError(f"{path}: refused: the file holds Python objects besides tensors and plain data, and loading it could run code; "
                              f"use a {what} written by nucleiseg (or a plain state dict)") from None
     except Exception as exc:
@@ -266,20 +268,30 @@ def load_weights_file(model: MaskRCNN, path: Path) -> None:
     model.load_state_dict(usable, strict=False)
 
 
+def _state_mismatch(own: dict, state: dict) -> str | None:
+    """The first difference between a model's state dict and a saved one, in words."""
+    for key, tensor in own.items():
+        if key not in state:
+            return f"missing {key}"
+        if not torch.is_tensor(state[key]) or state[key].shape != tensor.shape:
+            return f"{key} is {tuple(getattr(state[key], 'shape', ()))}, the model needs {tuple(tensor.shape)}"
+    extra = sorted(set(state) - set(own))
+    return f"unexpected {extra[0]}" if extra else None
+
+
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[MaskRCNN, dict]:
     """The model saved by the train stage (weights + the config it was built with), in eval mode."""
     path = Path(path)
     if not path.is_file():
         raise NucleisegError(f"{path}: no trained model; run the train stage first (dvc repro train)")
     ckpt = _load_tensors(path, "nucleiseg model file (models/model.pt)")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise NucleisegError(f"{path}: not a nucleiseg model file (needs 'model' and 'model_config')")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_config"), dict):
+        raise NucleisegError(f"{path}: not a nucleiseg model file (needs a 'model' state dict and a 'model_config' mapping)")
     cfg = model_config_from_dict({**ckpt["model_config"], "weights": "none"}, str(path))
     model = build_model(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise NucleisegError(f"{path}: its weights do not fit the model its config describes ({first}); the file is damaged or was edited, retrain it") from None
+    problem = _state_mismatch(model.state_dict(), ckpt["model"])
+    if problem:
+        raise NucleisegError(f"{path}: its weights do not fit the model its config describes ({problem}); the file is damaged or was edited, retrain it")
+    model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return model, ckpt
