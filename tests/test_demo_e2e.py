@@ -1,8 +1,8 @@
 """End to end: the README's offline demo in a fresh copy of the repository, then a second backbone.
 
-This is the CI's whole-pipeline check: `scripts/demo` (dvc exp run on synthetic data, CPU), its
-experiment applied to the workspace, then `dvc exp run -S backbone=resnet18`, which must re-run
-train -> evaluate only. A two-epoch demo model scores near zero, so "metrics in [0, 1]" proves
+This is the CI's whole-pipeline check: `scripts/demo` (dvc exp run --temp on synthetic data, CPU),
+which must leave params.yaml alone, then `scripts/demo -S backbone=resnet18`, which must re-run
+train -> evaluate only, and that experiment applied to the workspace. A two-epoch demo model scores near zero, so "metrics in [0, 1]" proves
 little: the outputs are checked against each other instead (eval.json recomputed from the
 predictions, the answer rebuilt from predictions/test.json, the operating point, the MLflow run
 and `dvc exp show` all agreeing).
@@ -57,9 +57,12 @@ def demo_repo(tmp_path_factory):
     _run(["git", "add", "-A"], root, env)
     _run(["git", "commit", "-qm", "init"], root, env)
     first = _run(["scripts/demo", "-n", "e2e-r50"], root, env)
-    # The demo may run in a temp copy (dvc exp run --temp): bring its outputs and params into the workspace.
-    _run(["dvc", "exp", "apply", "e2e-r50"], root, env)
-    second = _run(["dvc", "exp", "run", "-n", "e2e-r18", "-S", "backbone=resnet18"], root, env)
+    # The demo runs in a temp copy (dvc exp run --temp): the real job's params stay as they were.
+    _run(["git", "diff", "--quiet", "params.yaml"], root, env)
+    second = _run(["scripts/demo", "-n", "e2e-r18", "-S", "backbone=resnet18"], root, env)
+    _run(["git", "diff", "--quiet", "params.yaml"], root, env)
+    # Bring the second experiment's outputs and params into the workspace.
+    _run(["dvc", "exp", "apply", "e2e-r18"], root, env)
     return root, env, first.stdout + first.stderr, second.stdout + second.stderr
 
 

@@ -45,8 +45,8 @@ def test_concurrent_first_use_of_a_new_store(tmp_path):
     """Processes that all find no store create it once; every run lands (issue 11)."""
     workers = 3
     repo, sync = tmp_path / "repo", tmp_path / "sync"
-    repo.mkdir()
-    sync.mkdir()
+    repo.mkdir(parents=True)
+    sync.mkdir(parents=True)
     procs = [
         subprocess.Popen([sys.executable, "-c", WORKER, str(i), str(sync)], cwd=repo, env=env_for(repo),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
