@@ -5,10 +5,9 @@ import json
 import logging
 
 from nucleiseg.config import read_params
-from nucleiseg.data import load_test_index, train_image_path
+from nucleiseg.data import load_test_index, train_image_path, val_image_ids
 from nucleiseg.engine import resolve_device
 from nucleiseg.errors import main_guard
-from nucleiseg.evaluation import val_image_ids
 from nucleiseg.io import atomic_path, read_json
 from nucleiseg.model import load_trained
 from nucleiseg.predictor import Predictor, predict_files

@@ -196,6 +196,11 @@ def load_test_index(raw_dir: str | Path) -> list[TestImage]:
     return out
 
 
+def val_image_ids(names: list[str]) -> dict[str, int]:
+    """Image ids of the val images in predictions/val.json and in the val ground truth."""
+    return {name: i for i, name in enumerate(names, start=1)}
+
+
 def split_ids(ids: list[str], val_images: int, seed: int) -> dict[str, list[str]]:
     """Hold out `val_images` whole images (seeded); they never reach training."""
     if not 0 <= val_images < len(ids):

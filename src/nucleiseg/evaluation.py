@@ -11,16 +11,11 @@ from PIL import Image
 
 from . import coco
 from .config import EvaluateConfig
-from .data import load_train_sample
+from .data import load_train_sample, val_image_ids
 from .errors import NucleisegError
 from .io import atomic_path, read_json, write_json
 from .masks import Instance, paste
 from .metrics import coco_segm_metrics, match, score_sweep
-
-
-def val_image_ids(names: list[str]) -> dict[str, int]:
-    """Image ids of the val images in predictions/val.json and in the val ground truth."""
-    return {name: i for i, name in enumerate(names, start=1)}
 
 
 def operating_grid(floor: float, step: float = 0.025) -> list[float]:

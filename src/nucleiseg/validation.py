@@ -9,8 +9,8 @@ import torch
 
 from . import coco
 from .config import EvaluateConfig, InferConfig
-from .data import Sample
-from .evaluation import evaluate, val_image_ids
+from .data import Sample, val_image_ids
+from .evaluation import evaluate
 from .predictor import Predictor
 
 
