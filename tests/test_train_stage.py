@@ -1,6 +1,7 @@
 """The train stage as DVC runs it: killed with SIGTERM mid-run, run again, it resumes the same MLflow run."""
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -16,8 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def stage_dir(repo, make_params):
-    """The tiny pipeline folder with 4 epochs of 2 windows, validated (whole val image) at the last epoch only."""
-    params = make_params(train={"epochs": 4, "samples_per_epoch": 2, "val_every": 1000})
+    """The tiny pipeline folder with 4 epochs of 2 windows, validated (whole val image) at the last epoch only,
+    with a loader worker process (a SIGTERM to the process group must not make it print a traceback)."""
+    params = make_params(train={"epochs": 4, "samples_per_epoch": 2, "val_every": 1000, "workers": 1})
     (repo / "params.yaml").write_text(yaml.safe_dump(params.as_dict(), sort_keys=False))
     return repo
 
@@ -31,14 +33,14 @@ def _runs(root: Path) -> dict:
 def test_killed_train_stage_resumes_its_checkpoint_and_mlflow_run(stage_dir, stage_environment):
     cmd = [sys.executable, str(REPO / "stages" / "train.py")]
     env = stage_environment(stage_dir)
-    proc = subprocess.Popen(cmd, cwd=stage_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=stage_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     checkpoints = stage_dir / "checkpoints"
     deadline = time.monotonic() + 300
     while not list(checkpoints.glob("train-*.pt")):
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline, "no checkpoint after 300 s"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # like `dvc exp remove`/job schedulers: the stage and its loader workers
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
     assert "Traceback" not in out
