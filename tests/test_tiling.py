@@ -13,7 +13,7 @@ from nucleiseg.data import load_train_sample, train_ids
 from nucleiseg.errors import NucleisegError
 from nucleiseg.masks import Instance, from_full_mask, from_rle, to_rle
 from nucleiseg.synthetic import generate_dataset
-from nucleiseg.tiling import PAD_VALUE, Window, axis_cores, crop_window, window_instances, window_starts, windows
+from nucleiseg.tiling import PAD_VALUE, Window, crop_window, window_instances, window_starts, windows
 
 COMBOS = [
     (64, 64, 16),  # length == size
