@@ -4,8 +4,8 @@
     python benchmarks/train_step.py --backbone resnet18 --size 256 --steps 3
     python benchmarks/train_step.py --tiles data/tiles --steps 40 --variants fp32,bf16,bf16-nhwc   # on a GPU
 
-Runs the training step the engine runs (`engine.train_one_epoch`'s loop: the persistent
-loader, masks expanded on the device, autocast), `--steps` steps after `--warmup` steps,
+Runs the engine's training step (`engine.train_one_epoch`: one loader iterator, masks expanded
+on the device, autocast, gradient clipping), `--steps` steps after `--warmup` steps,
 once per variant: fp32 / fp16 / bf16 autocast, '-nhwc' for channels_last weights.
 'wait' is the time the loop waited for its next batch; target <= 5 % of the step.
 On CUDA a thread samples torch.cuda.utilization() (the share of time a kernel ran).
@@ -24,7 +24,7 @@ import torch
 
 from nucleiseg.config import AugmentConfig, ModelConfig, TrainConfig
 from nucleiseg.dataset import EpochBatches, EpochSampler, TileDataset, default_workers
-from nucleiseg.engine import targets_to_device, build_loader, build_optimizer, build_scheduler, seed_everything
+from nucleiseg.engine import build_loader, build_optimizer, build_scheduler, seed_everything, train_one_epoch
 from nucleiseg.model import build_model
 from nucleiseg.synthetic import generate_dataset
 from nucleiseg.tiles import write_split
@@ -69,31 +69,16 @@ def run_variant(name: str, dataset, args, device) -> None:
     sampler = EpochSampler(len(dataset), 0, samples_per_epoch=total * args.batch_size)
     loader = build_loader(dataset, EpochBatches(sampler, args.batch_size, 1, 1), args.workers, pin_memory=device.type == "cuda")
     util = Utilisation() if device.type == "cuda" else None
-    waited = 0.0
     batches = iter(loader)
-    for step in range(total):
-        if step == args.warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started, waited = time.perf_counter(), 0.0
-            if util:
-                util.start()
-        t0 = time.perf_counter()
-        images, targets = next(batches)
-        waited += time.perf_counter() - t0
-        images = [img.to(device, non_blocking=True) for img in images]
-        targets = [targets_to_device(t, device) for t in targets]
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
-            loss = sum(model(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        float(loss.detach())  # one sync per step, as the engine does
+    # The engine's own step (gradient clipping included), first the warm-up steps, then the timed ones.
+    train_one_epoch(model, optimizer, scheduler, batches, args.warmup, device, 0, dtype, scaler, cfg.grad_clip, show_progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if util:
+        util.start()
+    started = time.perf_counter()
+    waited = train_one_epoch(model, optimizer, scheduler, batches, args.steps, device, 1, dtype, scaler, cfg.grad_clip,
+                             show_progress=False)["loader_wait_seconds"]
     seconds = time.perf_counter() - started
     busy = ""
     if util:
