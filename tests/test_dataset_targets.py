@@ -12,7 +12,7 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms.v2 import functional as TF
 
 from nucleiseg.config import AugmentConfig
-from nucleiseg.dataset import MIN_MASK_PIXELS, EpochSampler, TileDataset, augment, draw_params, expand_masks, label_targets
+from nucleiseg.dataset import MIN_MASK_PIXELS, EpochBatches, EpochSampler, TileDataset, augment, draw_params, expand_masks, label_targets
 from nucleiseg.masks import Instance, iou
 from nucleiseg.synthetic import synth_image
 from nucleiseg.tiles import label_layers, window_instances_from_labels
@@ -103,11 +103,17 @@ def test_same_key_same_sample_and_epochs_differ(tiny_tiles):
 
 
 def test_epoch_sampler_splits_ranks_and_reseeds():
-    full = [list(EpochSampler(10, seed=0)) for _ in range(2)]
-    assert full[0] == full[1] and sorted(i for _, i in full[0]) == list(range(10))
+    full = [EpochSampler(10, seed=0).indices(1) for _ in range(2)]
+    assert full[0] == full[1] and sorted(full[0]) == list(range(10))
+    assert EpochSampler(10, seed=0).indices(2) != full[0]
     ranks = [EpochSampler(10, seed=0, rank=r, world_size=3) for r in range(3)]
-    drawn = [i for s in ranks for _, i in s]
+    drawn = [i for s in ranks for i in s.indices(1)]
     assert len(drawn) == 12 and set(drawn) == set(range(10))
     s = EpochSampler(10, seed=0, samples_per_epoch=25)
-    s.set_epoch(2)
-    assert len(list(s)) == 25 and all(e == 2 for e, _ in s)
+    assert len(s.indices(2)) == 25 == len(s)
+
+
+def test_epoch_batches_cover_each_epoch_in_order():
+    batches = list(EpochBatches(EpochSampler(10, seed=0), batch_size=4, first=2, last=3))
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
+    assert {e for b in batches[:3] for e, _ in b} == {2} and {e for b in batches[3:] for e, _ in b} == {3}

@@ -171,7 +171,7 @@ def expand_masks(target: dict) -> dict:
 class TileDataset(torch.utils.data.Dataset):
     """The training windows (`<tiles_dir>/<split>/`): float image [0, 1] and a label-map target.
 
-    Indexed by (epoch, index) pairs from `EpochSampler` (an int index means epoch 0).
+    Indexed by (epoch, index) pairs from `EpochBatches` (an int index means epoch 0).
     """
 
     def __init__(self, tiles_dir: str | Path, split: str = "train", augment: AugmentConfig | None = None, seed: int = 0):
@@ -199,8 +199,8 @@ class TileDataset(torch.utils.data.Dataset):
         return pixels.float().div_(255.0), target
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """(epoch, index) pairs: a seeded permutation per epoch, this rank's share of it.
+class EpochSampler:
+    """Window indices of one epoch: a seeded permutation per epoch, this rank's share of it.
 
     `samples_per_epoch` draws that many per epoch (cycling through permutations);
     otherwise every window once, padded to divide evenly between ranks (like
@@ -211,10 +211,6 @@ class EpochSampler(torch.utils.data.Sampler):
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
         total = samples_per_epoch or n
         self.per_rank = math.ceil(total / world_size)
-        self.epoch = 1
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.per_rank
@@ -224,10 +220,6 @@ class EpochSampler(torch.utils.data.Sampler):
         needed = self.per_rank * self.world_size
         order = np.concatenate([rng.permutation(self.n) for _ in range(math.ceil(needed / self.n))])[:needed]
         return [int(i) for i in order[self.rank :: self.world_size]]
-
-    def __iter__(self):
-        for index in self.indices(self.epoch):
-            yield self.epoch, index
 
 
 class EpochBatches(torch.utils.data.Sampler):

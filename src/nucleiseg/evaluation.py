@@ -11,7 +11,7 @@ from PIL import Image
 
 from . import coco
 from .config import EvaluateConfig
-from .data import load_train_sample, val_image_ids
+from .data import Sample, load_train_sample, val_image_ids
 from .errors import NucleisegError
 from .io import atomic_path, read_json, write_json
 from .masks import Instance, paste
@@ -29,6 +29,13 @@ class Evaluation:
     metrics: dict  # what metrics/eval.json holds for one split
     pr_curve: list  # (recall, precision) at IoU 0.5 over all detections
     sweep: list[dict]  # pooled metrics per candidate score threshold
+    predicted: dict[int, list[Instance]]  # the results decoded, per image id
+
+
+def val_records(samples: list[Sample]) -> list[coco.ImageRecord]:
+    """Ground truth of the val images, with the image ids of predictions/val.json."""
+    ids = val_image_ids([s.name for s in samples])
+    return [coco.ImageRecord(ids[s.name], f"{s.name}.png", *s.image.shape[:2], s.instances) for s in samples]
 
 
 DETECTION_KEYS = ("precision", "recall", "f1", "aji", "pq", "dq", "sq", "tp", "fp", "fn")
@@ -63,7 +70,7 @@ def evaluate(records: list[coco.ImageRecord], results: list[dict], max_dets_all:
     if any(r.get("detector_score", r["score"]) != r["score"] for r in results):
         # Does the mask-weighted ranking beat the raw detector score under the top-100 cap?
         metrics["ap50_detector_score"] = float(coco_segm_metrics(gt_doc, rescored(results, "detector_score"), max_dets_all)["ap50"])
-    return Evaluation(metrics, ap["pr_curve"], sweep)
+    return Evaluation(metrics, ap["pr_curve"], sweep, predicted)
 
 
 def rescored(results: list[dict], key: str) -> list[dict]:
@@ -90,8 +97,6 @@ def overlay(image: np.ndarray, gt: list[Instance], pred: list[Instance]) -> np.n
     out[outline(paste(pred, height, width))] = (0, 230, 0)
     out[outline(paste(missed, height, width))] = (255, 0, 0)
     return out
-
-
 
 
 # ------------------------------------------------------------------------------------ the evaluate stage
@@ -135,20 +140,17 @@ def evaluate_predictions(raw_dir: Path, split_file: Path, predictions_dir: Path,
     val_names = read_json(split_file)["val"]
     if not val_names:
         raise NucleisegError(f"{split_file}: no val images to evaluate; set data.val_images >= 1")
-    samples = {name: load_train_sample(raw_dir, name) for name in val_names}
-    ids = val_image_ids(val_names)
-    records = [coco.ImageRecord(ids[n], f"{n}.png", *samples[n].image.shape[:2], samples[n].instances) for n in val_names]
-    results = read_json(predictions_dir / "val.json")
-    val = evaluate(records, results, cfg.max_dets_all, cfg.operating_metric, score_floor=score_floor)
+    samples = [load_train_sample(raw_dir, name) for name in val_names]
+    records = val_records(samples)
+    val = evaluate(records, read_json(predictions_dir / "val.json"), cfg.max_dets_all, cfg.operating_metric, score_floor=score_floor)
     metrics = dict(val.metrics)
     threshold = metrics["score_threshold"]
     if test_annotations:
         test = evaluate(coco_records(test_annotations), read_json(predictions_dir / "test.json"), cfg.max_dets_all,
                         cfg.operating_metric, score_threshold=threshold)
         metrics["test"] = test.metrics
-    predicted = coco.instances_by_image(results)
-    overlays = {name: overlay(samples[name].image, samples[name].instances, at_threshold(predicted.get(ids[name], []), threshold))
-                for name in val_names[: cfg.overlays]}
+    overlays = {sample.name: overlay(sample.image, sample.instances, at_threshold(val.predicted.get(record.id, []), threshold))
+                for sample, record in list(zip(samples, records))[: cfg.overlays]}
 
     with atomic_path(outputs.overlays) as out:
         out.mkdir()
