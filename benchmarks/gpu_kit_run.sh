@@ -3,9 +3,17 @@
 # the pipeline's own stage scripts, plus the loader and train-step benchmarks. From the checkout's root,
 # with the kit copied to .kit (see ../shared/gpu-kit/README.md):
 #   OUT=/tmp/out bash benchmarks/gpu_kit_run.sh [key=value ...]      # params.yaml overrides
+#   OUT=/tmp/out BENCH=0 bash benchmarks/gpu_kit_run.sh train.epochs=40 \
+#       --recipe base --recipe gn model.norm=groupnorm --recipe x1.5 model.input_scale=1.5
+# Each --recipe NAME [key=value ...] trains at the same time as the others on the one GPU (training
+# leaves it mostly idle, see README), from the same tiles, with the loader's workers split between them;
+# overrides before the first --recipe apply to all. Each recipe then runs infer, export, evaluate and
+# (SWEEP=1) benchmarks/postprocess_sweep.py on its model.
 # Env: TRAIN_S (training time limit, default 330 s; the best epoch so far is used when it is hit),
-# SKIP_WHEELS=1 (pycocotools/faster-coco-eval already installed), BENCH=0 (skip the benchmarks).
-# Writes to $OUT: log.txt, eval.json, train.json, train.csv, operating_point.csv, gpu.txt (nvidia-smi dmon).
+# SKIP_WHEELS=1 (pycocotools/faster-coco-eval already installed), BENCH=0 (skip the benchmarks),
+# SWEEP=1 (post-processing sweep on val), DEADLINE (seconds since start after which no sweep starts).
+# Writes to $OUT: log.txt, gpu.txt (nvidia-smi dmon), and per recipe (the top folder when there is
+# no --recipe) log.txt, eval.json, train.json, train.csv, operating_point.csv, sweep.txt.
 set -u
 SRC=$(pwd); KIT=$SRC/.kit
 OUT=${OUT:-$PWD/kit-out}; mkdir -p "$OUT"
@@ -57,23 +65,36 @@ def __getattr__(name):
 PY
 export PYTHONPATH=/tmp/kit-site:/tmp/kit-mlflow:$SRC/src MLFLOW_STUB_LOG=$OUT/mlflow_calls.jsonl MLFLOW_TRACKING_URI=http://kit-recorder
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+# Arguments: common overrides, then optional groups "--recipe NAME key=value ...".
+common=(); names=(); declare -A recipe_args
+current=""
+while [ $# -gt 0 ]; do
+  if [ "$1" = --recipe ]; then
+    [ $# -ge 2 ] || { echo "error: --recipe needs a name"; exit 2; }
+    current=$2; names+=("$2"); recipe_args[$2]=""; shift 2; continue
+  fi
+  if [ -z "$current" ]; then common+=("$1"); else recipe_args[$current]+=" $1"; fi
+  shift
+done
 W=/tmp/kit-work; rm -rf $W /tmp/kit-data; mkdir -p $W
 cp -r "$SRC/stages" "$SRC/params.yaml" "$SRC/benchmarks" $W/; cd $W
 python3 "$KIT/unpack.py" "$KIT/data" /tmp/kit-data && mark unpacked || exit 1
-python3 "$KIT/setparams.py" data.source=/tmp/kit-data model.weights=none "$@" || exit 1
+python3 "$KIT/setparams.py" data.source=/tmp/kit-data model.weights=none "${common[@]}" || exit 1
 python3 stages/download.py && mark download || exit 1
 python3 stages/tile.py && mark tile || exit 1
 if [ "${BENCH:-1}" = 1 ]; then
   python3 benchmarks/loader.py --tiles data/tiles --samples 60 --previous-samples 6 --workers 12 && mark loader-benchmark
   python3 benchmarks/train_step.py --tiles data/tiles --steps ${BENCH_STEPS:-25} --warmup 5 --batch-size 4 --variants fp32,bf16,bf16-nhwc && mark train-step-benchmark
 fi
-(command -v nvidia-smi >/dev/null && nvidia-smi dmon -s um -d 5 > "$OUT/gpu.txt" 2>&1) & DM=$!
-timeout -s INT ${TRAIN_S:-330} python3 stages/train.py; mark "train rc=$?"
-kill $DM 2>/dev/null
-mkdir -p models
-if [ ! -f models/model.pt ]; then
-  # Stopped by TRAIN_S: the checkpoint's best epoch (tensors only) becomes the model.
-  python3 - <<'PY' || exit 1
+
+# One recipe, in the current folder: train (stopped by TRAIN_S), infer, export, evaluate, sweep.
+run_recipe() {
+  local out=$1
+  timeout -s INT ${TRAIN_S:-330} python3 stages/train.py; mark "train rc=$?"
+  mkdir -p models
+  if [ ! -f models/model.pt ]; then
+    # Stopped by TRAIN_S: the checkpoint's best epoch (tensors only) becomes the model.
+    python3 - <<'PY' || return 1
 import dataclasses, glob, json, torch
 from nucleiseg.config import read_params
 found = sorted(glob.glob("checkpoints/*.pt"))
@@ -85,8 +106,35 @@ torch.save({"model": state, "model_config": dataclasses.asdict(read_params().mod
 json.dump({"run_id": c["run"].get("mlflow_run_id", "none"), "experiment_id": "0", "tracking_uri": "none"}, open("models/run.json", "w"))
 print(f"stopped after epoch {c['epoch']}; using its best epoch {c['best']['epoch']}")
 PY
+  fi
+  python3 stages/infer.py && mark infer || return 1
+  python3 stages/export.py && python3 stages/evaluate.py && mark evaluate
+  cp metrics/eval.json metrics/train.json plots/train.csv plots/operating_point.csv "$out/" 2>/dev/null
+  if [ "${SWEEP:-0}" = 1 ] && [ $((SECONDS - t0)) -lt "${DEADLINE:-100000}" ]; then
+    python3 benchmarks/postprocess_sweep.py > "$out/sweep.txt" 2>&1; mark "sweep rc=$?"
+  fi
+  mark done
+}
+
+(command -v nvidia-smi >/dev/null && nvidia-smi dmon -s um -d 5 > "$OUT/gpu.txt" 2>&1) & DM=$!
+if [ ${#names[@]} -eq 0 ]; then
+  run_recipe "$OUT"
+else
+  # The cores go to the recipes' loaders: each main process keeps one.
+  cores=$(python3 -c "import os; print(len(os.sched_getaffinity(0)))")
+  workers=$(( cores / ${#names[@]} - 1 )); [ $workers -ge 1 ] || workers=1
+  pids=()
+  for name in "${names[@]}"; do
+    mkdir -p "recipes/$name" "$OUT/$name"
+    cp -r stages benchmarks params.yaml "recipes/$name/"; ln -s "$W/data" "recipes/$name/data"
+    # shellcheck disable=SC2086
+    (cd "recipes/$name" && python3 "$KIT/setparams.py" train.workers=$workers ${recipe_args[$name]} \
+      && mark() { echo "[t=$((SECONDS-t0))s] [$name] $*"; } && run_recipe "$OUT/$name") \
+      > "$OUT/$name/log.txt" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+  for name in "${names[@]}"; do grep -h "^\[t=" "$OUT/$name/log.txt"; done
 fi
-python3 stages/infer.py && mark infer || exit 1
-python3 stages/export.py && python3 stages/evaluate.py && mark evaluate
-cp metrics/eval.json "$OUT/eval.json"; cp metrics/train.json plots/train.csv plots/operating_point.csv "$OUT/" 2>/dev/null
+kill $DM 2>/dev/null
 mark done
