@@ -72,12 +72,28 @@ def test_every_backbone_builds_and_runs(backbone, small_cfg):
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_from_scratch_backbones_use_trainable_batchnorm(small_cfg):
-    """Frozen BN with identity statistics (torchvision's resnet_fpn_backbone default) blows activations up from scratch."""
-    model = build_model(small_cfg("resnet18"))
-    body = model.backbone.body
-    assert isinstance(body.bn1, torch.nn.BatchNorm2d)
+def test_from_scratch_backbones_use_groupnorm(small_cfg):
+    """norm auto from scratch: GroupNorm (it beat BN on real val); frozen BN with identity statistics would blow
+    activations up, and trainable BN stays a choice."""
+    body = build_model(small_cfg("resnet18")).backbone.body
+    assert isinstance(body.bn1, torch.nn.GroupNorm) and isinstance(body.layer4[1].bn2, torch.nn.GroupNorm)
     assert all(p.requires_grad for p in body.parameters())
+    assert isinstance(build_model(small_cfg("resnet18", norm="batchnorm")).backbone.body.bn1, torch.nn.BatchNorm2d)
+
+
+def test_norm_resolution(small_cfg, tmp_path):
+    """What auto means per weights (no download needed to decide), and the choices that cannot work."""
+    assert model_mod.resolve_norm(small_cfg("resnet18")) == "groupnorm"
+    assert model_mod.resolve_norm(small_cfg("resnet18", weights="imagenet")) == "frozen"
+    assert model_mod.resolve_norm(small_cfg("resnet50", weights="coco")) == "frozen"
+    assert model_mod.resolve_norm(small_cfg("resnet50_v2")) == "batchnorm"  # torchvision's v2 design, pretrained or not
+    local = tmp_path / "w.pt"
+    torch.save({}, local)
+    assert model_mod.resolve_norm(small_cfg("resnet18", weights=str(local))) == "groupnorm"
+    with pytest.raises(NucleisegError, match="model.norm=groupnorm cannot hold"):
+        model_mod.resolve_norm(small_cfg("resnet50", weights="coco", norm="groupnorm"))
+    with pytest.raises(NucleisegError, match="resnet50_v2"):
+        model_mod.resolve_norm(small_cfg("resnet50_v2", norm="groupnorm"))
 
 
 def test_nuclei_settings(r18, small_cfg):
@@ -233,6 +249,23 @@ def test_trained_model_file_round_trips(r18, small_cfg, tmp_path):
     for key, value in r18.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     assert model.roi_heads.detections_per_img == DETECTIONS
+
+
+def test_model_file_keeps_the_resolved_norm(small_cfg, tmp_path):
+    """A model file names its norm, so it reloads the same layers; older files that say `auto` are read off
+    their weights (a trainable-BN model from before GroupNorm became auto's from-scratch choice)."""
+    assert model_mod.model_file_config(small_cfg("resnet18"))["norm"] == "groupnorm"
+    torch.manual_seed(0)
+    bn = build_model(small_cfg("resnet18", norm="batchnorm"))
+    for norm, model in (("batchnorm", bn), ("frozen", build_model(small_cfg("resnet18", norm="frozen"))),
+                        ("groupnorm", build_model(small_cfg("resnet18")))):
+        path = tmp_path / f"{norm}.pt"
+        torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(small_cfg("resnet18"))}, path)
+        loaded, _ = load_trained(path)
+        assert type(loaded.backbone.body.bn1) is type(model.backbone.body.bn1), norm
+    loaded, _ = load_trained(tmp_path / "batchnorm.pt")
+    for key, value in bn.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_trained_model_file_errors(r18, small_cfg, tmp_path):

@@ -366,7 +366,7 @@ def test_run_training_keeps_the_best_val_epoch_and_logs_a_complete_mlflow_run(ti
     assert curves[0].split(",") == training.CURVE_COLUMNS and len(curves) == 3
     assert [line.split(",")[2] for line in curves[1:]] == ["0.9", "0.1"]
     saved = torch.load(out.model, weights_only=True)  # plain data: loads without unpickling code
-    assert saved["model_config"] == dataclasses.asdict(params.model) and saved["best_epoch"] == 1
+    assert saved["model_config"] == {**dataclasses.asdict(params.model), "norm": "groupnorm"} and saved["best_epoch"] == 1
     assert_same_state(saved["model"], seen[1])
     assert differs(saved["model"], seen[2])
     assert not training.checkpoint_path(params, inputs(tiny_data).split).exists(), "resume checkpoint left behind after success"

@@ -183,12 +183,25 @@ def _set_transform(model: MaskRCNN, cfg: ModelConfig) -> None:
     )
 
 
-def _norm_layer(cfg: ModelConfig, pretrained: bool):
-    """The backbone's normalisation. auto: frozen BN over pretrained statistics (what
-    torchvision does), trainable BN from scratch (identity statistics blow up when frozen)."""
-    norm = cfg.norm
-    if norm == "auto":
-        norm = "frozen" if pretrained else "batchnorm"
+def resolve_norm(cfg: ModelConfig) -> str:
+    """The backbone's normalisation that model.norm names. auto: frozen BN over pretrained statistics
+    (what torchvision does); GroupNorm from scratch, which beat trainable BN on the real val images
+    (README, recipe table; frozen identity statistics blow activations up). resnet50_v2 is
+    torchvision's design with trainable BN throughout, pretrained or not."""
+    coco_weights, imagenet_weights, _ = _resolve_weights(cfg)
+    pretrained = coco_weights is not None or imagenet_weights is not None
+    if cfg.backbone == "resnet50_v2":
+        if cfg.norm not in ("auto", "batchnorm"):
+            raise NucleisegError(f"params.yaml: model.norm={cfg.norm} does not fit resnet50_v2, which is built with BatchNorm throughout; use model.norm=auto")
+        return "batchnorm"
+    if cfg.norm in ("groupnorm", "batchnorm") and pretrained:
+        raise NucleisegError(f"params.yaml: model.norm={cfg.norm} cannot hold the pretrained BatchNorm statistics of model.weights={cfg.weights}; use model.norm=auto or model.weights=none")
+    if cfg.norm == "auto":
+        return "frozen" if pretrained else "groupnorm"
+    return cfg.norm
+
+
+def _norm_layer(norm: str):
     if norm == "frozen":
         return FrozenBatchNorm2d
     if norm == "batchnorm":
@@ -205,12 +218,12 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         raise NucleisegError(f"params.yaml: model.anchor_sizes needs 5 sizes (one per FPN level), got {cfg.anchor_sizes}")
     spec = REGISTRY[cfg.backbone]
     coco_weights, imagenet_weights, local_file = _resolve_weights(cfg)
-    if cfg.norm in ("groupnorm", "batchnorm") and (coco_weights or imagenet_weights):
-        raise NucleisegError(f"params.yaml: model.norm={cfg.norm} cannot hold the pretrained BatchNorm statistics of model.weights={cfg.weights}; use model.norm=auto or model.weights=none")
+    norm = resolve_norm(cfg)
     ensure_weights_available(coco_weights)
     ensure_weights_available(imagenet_weights)
     kwargs = _common_kwargs(cfg)
-    if coco_weights is not None or (spec.builder is not None and cfg.norm == "auto"):
+    # torchvision's builders: COCO weights load into their exact layout; v2 has its own heads.
+    if coco_weights is not None or cfg.backbone == "resnet50_v2":
         model = spec.builder(
             weights=coco_weights,
             weights_backbone=imagenet_weights,
@@ -222,7 +235,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         backbone = resnet_fpn_backbone(
             backbone_name=cfg.backbone.removesuffix("_v2"),
             weights=imagenet_weights,
-            norm_layer=_norm_layer(cfg, pretrained=imagenet_weights is not None),
+            norm_layer=_norm_layer(norm),
             trainable_layers=cfg.trainable_backbone_layers if imagenet_weights is not None else 5,
         )
         model = MaskRCNN(backbone, num_classes=NUM_CLASSES, **kwargs)
@@ -279,6 +292,19 @@ def _state_mismatch(own: dict, state: dict) -> str | None:
     return f"unexpected {extra[0]}" if extra else None
 
 
+def model_file_config(cfg: ModelConfig) -> dict:
+    """The model config a model file keeps: the norm resolved, so that loading rebuilds the same
+    layers whatever `auto` means then, and without downloading the weights it started from."""
+    return dataclasses.asdict(dataclasses.replace(cfg, norm=resolve_norm(cfg)))
+
+
+def _norm_of_state(state: dict) -> str:
+    """The norm of a model file written before files kept it resolved (norm `auto`)."""
+    if "backbone.body.bn1.num_batches_tracked" in state:
+        return "batchnorm"
+    return "frozen" if "backbone.body.bn1.running_mean" in state else "groupnorm"
+
+
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[MaskRCNN, dict]:
     """The model saved by the train stage (weights + the config it was built with), in eval mode."""
     path = Path(path)
@@ -287,7 +313,10 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     ckpt = _load_tensors(path, "nucleiseg model file (models/model.pt)")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_config"), dict):
         raise NucleisegError(f"{path}: not a nucleiseg model file (needs a 'model' state dict and a 'model_config' mapping)")
-    cfg = model_config_from_dict({**ckpt["model_config"], "weights": "none"}, str(path))
+    saved = ckpt["model_config"]
+    if saved.get("norm") == "auto":
+        saved = {**saved, "norm": _norm_of_state(ckpt["model"])}
+    cfg = model_config_from_dict({**saved, "weights": "none"}, str(path))
     model = build_model(cfg)
     problem = _state_mismatch(model.state_dict(), ckpt["model"])
     if problem:

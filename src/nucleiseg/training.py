@@ -19,7 +19,7 @@ from .dataset import TileDataset
 from .errors import NucleisegError
 from .engine import dist_info, fit, resolve_device, seed_everything
 from .io import atomic_path, read_json, repo_root, write_json
-from .model import build_model
+from .model import build_model, model_file_config
 from .validation import WholeImageValidator
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
             "windows_per_second": sum(r["windows_per_second"] for r in result.history) / max(len(result.history), 1),
         }
         model.load_state_dict(result.best_state)
-        checkpoint = {"model": result.best_state, "model_config": dataclasses.asdict(mcfg), "best_epoch": result.best_epoch}
+        checkpoint = {"model": result.best_state, "model_config": model_file_config(mcfg), "best_epoch": result.best_epoch}
         with atomic_path(outputs.model) as tmp:
             torch.save(checkpoint, tmp)
         metrics["stage_seconds"] = time.perf_counter() - stage_started
