@@ -51,7 +51,7 @@ TINY_PARAMS = {
              "synthetic": {"n_train": 3, "n_test": 1, "size": TINY_SIZE, "radius_range": [4, 10]}},
     "tile": {"size": TINY_WINDOW, "overlap": TINY_OVERLAP, "min_visible": 0.3},
     "model": {
-        "weights": "none",
+        "weights": "none", "input_scale": 1.0,  # unscaled: CPU speed, and windows stay their own size
         "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 200,
         "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 200,
         "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 16, "detections_per_img": 20,
