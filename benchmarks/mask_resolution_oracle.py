@@ -83,9 +83,9 @@ def run(raw: Path, resolutions: list[int], limit: int | None) -> None:
     for pair in PAIRS:
         for resolution in resolutions:
             ious = np.array([pasted_iou(inst, resolution, pair) for inst in nuclei])
-            by_size = [ious[(extents >= lo) & (extents < hi)].mean() for lo, hi in SIZE_BINS]
+            by_size = [ious[(extents >= lo) & (extents < hi)] for lo, hi in SIZE_BINS]
             print(f"{pair:<12} {resolution:>3} {ious.mean():>9.4f} {100 * np.mean(ious < 0.5):>7.2f}% {100 * np.mean(ious < 0.75):>8.2f}% "
-                  f"{100 * np.mean(ious < 0.9):>7.2f}%   {' ' * 19}" + " ".join(f"{v:>7.4f}" for v in by_size), flush=True)
+                  f"{100 * np.mean(ious < 0.9):>7.2f}%   {' ' * 19}" + " ".join(f"{v.mean():>7.4f}" if v.size else f"{'-':>7}" for v in by_size), flush=True)
     print(f"time: {time.perf_counter() - started:.1f} s")
 
 
