@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import NucleisegError
+from .io import read_json
 from .masks import Instance, from_full_mask
 
 log = logging.getLogger(__name__)
@@ -168,12 +169,7 @@ def load_test_index(raw_dir: str | Path) -> list[TestImage]:
     """The test images with their ids; every test file must be listed exactly once."""
     raw_dir = Path(raw_dir)
     ids_path = raw_dir / "test_img_ids.json"
-    if not ids_path.is_file():
-        raise NucleisegError(f"{ids_path}: missing; it maps each test file to its image id")
-    try:
-        entries = json.loads(ids_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise NucleisegError(f"{ids_path}: not valid JSON ({exc})") from None
+    entries = read_json(ids_path, missing="missing; it maps each test file to its image id")
     if not isinstance(entries, list) or not all(isinstance(e, dict) and {"file_name", "id"} <= set(e) for e in entries):
         raise NucleisegError(f"{ids_path}: expected a list of {{'file_name', 'id', 'height', 'width'}} objects")
     seen_ids, seen_files, out = set(), set(), []

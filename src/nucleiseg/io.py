@@ -177,16 +177,18 @@ def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
         tmp.write_text(json.dumps(obj, indent=indent))
 
 
-def read_json(path: str | Path):
+def read_json(path: str | Path, missing: str = "not found; run the stage that makes it first (dvc repro)", fix: str = ""):
+    """A JSON file's content; one error line naming the file when it is absent (`missing` says why it
+    matters) or not JSON (`fix`, when given, says what to do)."""
     from .errors import NucleisegError
 
     path = Path(path)
     if not path.is_file():
-        raise NucleisegError(f"{path}: not found; run the stage that makes it first (dvc repro)")
+        raise NucleisegError(f"{path}: {missing}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise NucleisegError(f"{path}: not valid JSON ({exc})") from None
+        raise NucleisegError(f"{path}: not valid JSON ({exc}){'; ' + fix if fix else ''}") from None
 
 
 def repo_root() -> Path:

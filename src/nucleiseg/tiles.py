@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .data import Sample, load_train_sample
 from .errors import NucleisegError
+from .io import read_json
 from .masks import Instance
 from .tiling import crop_window, window_instances, windows
 
@@ -114,12 +115,7 @@ def write_split(raw_dir: Path, names: list[str], out_dir: Path, split: str, size
 
 def read_index(tiles_dir: str | Path, split: str) -> list[WindowEntry]:
     path = Path(tiles_dir) / split / INDEX
-    if not path.is_file():
-        raise NucleisegError(f"{path}: missing; run the tile stage first (dvc repro tile)")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise NucleisegError(f"{path}: not valid JSON ({exc}); run the tile stage again (dvc repro -f tile)") from None
+    doc = read_json(path, missing="missing; run the tile stage first (dvc repro tile)", fix="run the tile stage again (dvc repro -f tile)")
     if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
         raise NucleisegError(f"{path}: written by another version of the tile stage; run it again (dvc repro -f tile)")
     return [WindowEntry(e["image"], tuple(e["labels"]), e["source_image"], tuple(e["origin"]), int(e["size"]), int(e["instances"])) for e in doc["windows"]]
