@@ -12,6 +12,7 @@ Data fixtures are session-scoped and read-only: a test that writes copies them f
     tiny_model_cfg  tiny_params.model (a ModelConfig)
     mlflow_store    cwd and DVC_ROOT = tmp_path, so `tracking` keeps its store in tmp_path/mlruns
     repo            mlflow_store plus a writable copy of tiny_data and params.yaml = tiny_params
+    closed_port     a local port nothing listens on (offline Drive tests)
 
 Test tiers: `python -m pytest -q` runs everything; `python -m pytest -q -m "not slow"` is the
 unit tier (tests over ~3 s are marked `slow`).
@@ -23,6 +24,7 @@ import copy
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,16 @@ def tiny_split(tiny_data) -> dict:
 def tiny_tiles(tiny_data) -> Path:
     """The tile dataset folder (holds train/index.json and the windows)."""
     return tiny_data / "data" / "tiles"
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local port nothing listens on: connecting is refused at once, as when offline."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -200,16 +199,8 @@ def test_missing_local_source(tmp_path):
     assert not out.exists()
 
 
-def _closed_port() -> int:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
-def test_offline_drive_fails_fast(tmp_path, monkeypatch):
-    monkeypatch.setattr(download, "DRIVE_ENDPOINT", ("127.0.0.1", _closed_port()))
+def test_offline_drive_fails_fast(tmp_path, monkeypatch, closed_port):
+    monkeypatch.setattr(download, "DRIVE_ENDPOINT", ("127.0.0.1", closed_port))
     import gdown
 
     def no_network(*args, **kwargs):  # the reachability probe must stop us before gdown

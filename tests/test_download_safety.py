@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -424,16 +423,8 @@ def test_sha256_mismatch_names_the_zip(dataset, tmp_path, capsys):
 # ---------------------------------------------------------------- offline Drive
 
 
-def _closed_port() -> int:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
-def test_offline_drive_message(tmp_path, capsys, monkeypatch):
-    port = _closed_port()
+def test_offline_drive_message(tmp_path, capsys, monkeypatch, closed_port):
+    port = closed_port
     monkeypatch.setattr(download, "DRIVE_ENDPOINT", ("127.0.0.1", port))
     out = tmp_path / "data" / "raw"
     line = one_line_error(capsys, fetch_dataset, f"gdrive:{download.HOMEWORK_DRIVE_ID}", out)
@@ -447,8 +438,8 @@ def test_offline_drive_message(tmp_path, capsys, monkeypatch):
     nothing_left(out)
 
 
-def test_offline_drive_other_file_keeps_its_sha(tmp_path, monkeypatch):
-    monkeypatch.setattr(download, "DRIVE_ENDPOINT", ("127.0.0.1", _closed_port()))
+def test_offline_drive_other_file_keeps_its_sha(tmp_path, monkeypatch, closed_port):
+    monkeypatch.setattr(download, "DRIVE_ENDPOINT", ("127.0.0.1", closed_port))
     with pytest.raises(NucleisegError) as info:
         fetch_dataset("https://drive.google.com/file/d/abcdefghijklmn/view", tmp_path / "raw", sha256="A" * 64)
     message = str(info.value)
@@ -457,11 +448,11 @@ def test_offline_drive_other_file_keeps_its_sha(tmp_path, monkeypatch):
     assert HOMEWORK_SHA not in message
 
 
-def test_offline_stage_like_run_leaves_no_data_folder(tmp_path):
+def test_offline_stage_like_run_leaves_no_data_folder(tmp_path, closed_port):
     """As `dvc repro` runs it: a fresh process, cwd = repo, data/ absent before and after."""
     code = (
         "import nucleiseg.download as d; from nucleiseg.errors import main_guard\n"
-        f"d.DRIVE_ENDPOINT = ('127.0.0.1', {_closed_port()})\n"
+        f"d.DRIVE_ENDPOINT = ('127.0.0.1', {closed_port})\n"
         "main_guard(lambda: d.fetch_dataset(d.HOMEWORK_DRIVE_ID and 'gdrive:' + d.HOMEWORK_DRIVE_ID, 'data/raw'))()\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
