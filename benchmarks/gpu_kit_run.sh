@@ -97,13 +97,13 @@ run_recipe() {
     python3 - <<'PY' || return 1
 import glob, json, torch
 from nucleiseg.config import read_params
-from nucleiseg.model import model_file_config
+from nucleiseg.model import model_file
 found = sorted(glob.glob("checkpoints/*.pt"))
 if not found:
     raise SystemExit("training stopped before its first epoch ended: no checkpoint")
 c = torch.load(found[-1], map_location="cpu", weights_only=True)
 state = c["best"]["state"] if c["best"]["state"] is not None else c["model"]
-torch.save({"model": state, "model_config": model_file_config(read_params().model), "best_epoch": c["best"]["epoch"]}, "models/model.pt")
+torch.save(model_file(state, read_params().model, c["best"]["epoch"]), "models/model.pt")
 json.dump({"run_id": c["run"].get("mlflow_run_id", "none"), "experiment_id": "0", "tracking_uri": "none"}, open("models/run.json", "w"))
 print(f"stopped after epoch {c['epoch']}; using its best epoch {c['best']['epoch']}")
 PY

@@ -254,7 +254,8 @@ def test_trained_model_file_round_trips(r18, small_cfg, tmp_path):
 def test_model_file_keeps_the_resolved_norm(small_cfg, tmp_path):
     """A model file names its norm, so it reloads the same layers; older files that say `auto` are read off
     their weights (a trainable-BN model from before GroupNorm became auto's from-scratch choice)."""
-    assert model_mod.model_file_config(small_cfg("resnet18"))["norm"] == "groupnorm"
+    saved = model_mod.model_file({}, small_cfg("resnet18"), best_epoch=2)
+    assert saved["model_config"]["norm"] == "groupnorm" and saved["best_epoch"] == 2
     torch.manual_seed(0)
     bn = build_model(small_cfg("resnet18", norm="batchnorm"))
     for norm, model in (("batchnorm", bn), ("frozen", build_model(small_cfg("resnet18", norm="frozen"))),

@@ -292,10 +292,12 @@ def _state_mismatch(own: dict, state: dict) -> str | None:
     return f"unexpected {extra[0]}" if extra else None
 
 
-def model_file_config(cfg: ModelConfig) -> dict:
-    """The model config a model file keeps: the norm resolved, so that loading rebuilds the same
-    layers whatever `auto` means then, and without downloading the weights it started from."""
-    return dataclasses.asdict(dataclasses.replace(cfg, norm=resolve_norm(cfg)))
+def model_file(state: dict, cfg: ModelConfig, best_epoch: int) -> dict:
+    """What models/model.pt holds (read back by `load_trained`). Its config keeps the norm resolved,
+    so that loading rebuilds the same layers whatever `auto` means then, and without downloading
+    the weights training started from."""
+    config = dataclasses.asdict(dataclasses.replace(cfg, norm=resolve_norm(cfg)))
+    return {"model": state, "model_config": config, "best_epoch": best_epoch}
 
 
 def _norm_of_state(state: dict) -> str:

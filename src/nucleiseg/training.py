@@ -19,7 +19,7 @@ from .dataset import TileDataset
 from .errors import NucleisegError
 from .engine import dist_info, fit, resolve_device, seed_everything
 from .io import atomic_path, read_json, repo_root, write_json
-from .model import build_model, model_file_config
+from .model import build_model, model_file
 from .validation import WholeImageValidator
 
 log = logging.getLogger(__name__)
@@ -165,9 +165,8 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
             "windows_per_second": sum(r["windows_per_second"] for r in result.history) / max(len(result.history), 1),
         }
         model.load_state_dict(result.best_state)
-        checkpoint = {"model": result.best_state, "model_config": model_file_config(mcfg), "best_epoch": result.best_epoch}
         with atomic_path(outputs.model) as tmp:
-            torch.save(checkpoint, tmp)
+            torch.save(model_file(result.best_state, mcfg, result.best_epoch), tmp)
         metrics["stage_seconds"] = time.perf_counter() - stage_started
         write_json(outputs.metrics, metrics)
         write_curves(result.history, outputs.curves)
