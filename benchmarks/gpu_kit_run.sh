@@ -96,8 +96,8 @@ run_recipe() {
     # Stopped by TRAIN_S: the checkpoint's best epoch (tensors only) becomes the model.
     python3 - <<'PY' || return 1
 import glob, json, torch
-from nucleiseg.config import read_params
-from nucleiseg.model import model_file
+from nucleiseg.core.config import read_params
+from nucleiseg.model.maskrcnn import model_file
 found = sorted(glob.glob("checkpoints/*.pt"))
 if not found:
     raise SystemExit("training stopped before its first epoch ended: no checkpoint")

@@ -86,8 +86,8 @@ class LabelOracle(torch.nn.Module):
 
 
 def prepare(size: int, path: Path) -> dict:
-    from nucleiseg.masks import paste
-    from nucleiseg.synthetic import PIXELS_PER_NUCLEUS, synth_image
+    from nucleiseg.core.masks import paste
+    from nucleiseg.data.synthetic import PIXELS_PER_NUCLEUS, synth_image
 
     t = time.perf_counter()
     # Same density at every size (synth_image's default caps the count at 5000).
@@ -104,9 +104,9 @@ def prepare(size: int, path: Path) -> dict:
 def measure(path: Path, tracemalloc_on: bool) -> dict:
     import tracemalloc
 
-    from nucleiseg.config import InferConfig
-    from nucleiseg.predictor import Predictor
-    from nucleiseg.tiling import windows
+    from nucleiseg.core.config import InferConfig
+    from nucleiseg.core.windows import windows
+    from nucleiseg.predict.predictor import Predictor
 
     image = np.load(path)
     cfg = InferConfig()  # params.yaml defaults: window 512, overlap 128, batch 2

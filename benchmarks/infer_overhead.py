@@ -23,12 +23,12 @@ import time
 import numpy as np
 import torch
 
-from nucleiseg.config import infer_config, load_params, model_config
-from nucleiseg.inference import predict_batch, to_tensor
-from nucleiseg.model import build_model, load_trained
-from nucleiseg.predictor import Predictor
-from nucleiseg.synthetic import synth_image
-from nucleiseg.tiling import crop_window, windows
+from nucleiseg.core.config import infer_config, load_params, model_config
+from nucleiseg.core.windows import crop_window, windows
+from nucleiseg.data.synthetic import synth_image
+from nucleiseg.model.maskrcnn import build_model, load_trained
+from nucleiseg.predict.postprocess import predict_batch, to_tensor
+from nucleiseg.predict.predictor import Predictor
 
 
 class ModelTimer:

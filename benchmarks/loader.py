@@ -26,10 +26,16 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from nucleiseg.config import AugmentConfig
-from nucleiseg.dataset import MIN_MASK_PIXELS, EpochBatches, EpochSampler, TileDataset, draw_params
-from nucleiseg.engine import build_loader
-from nucleiseg.tiles import read_window
+from nucleiseg.core.config import AugmentConfig
+from nucleiseg.data.tile_store import read_window
+from nucleiseg.train.loop import build_loader
+from nucleiseg.train.samples import (
+    MIN_MASK_PIXELS,
+    EpochBatches,
+    EpochSampler,
+    TileDataset,
+    draw_params,
+)
 
 
 def previous_sample(dataset: TileDataset, epoch: int, index: int, cfg: AugmentConfig):
@@ -55,8 +61,8 @@ def previous_sample(dataset: TileDataset, epoch: int, index: int, cfg: AugmentCo
 
 
 def synthetic_tiles(root: Path) -> Path:
-    from nucleiseg.synthetic import generate_dataset
-    from nucleiseg.tiles import write_split
+    from nucleiseg.data.synthetic import generate_dataset
+    from nucleiseg.data.tile_store import write_split
 
     raw = generate_dataset(root / "raw", n_train=2, n_test=0, size=1000)
     write_split(raw, ["synth-train-000", "synth-train-001"], root / "tiles", "train", 512, 192, 0.3)

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from nucleiseg.data import load_train_sample, train_ids
-from nucleiseg.download import dataset_root, safe_extract
-from nucleiseg.inference import detections_to_instances
-from nucleiseg.masks import Instance
+from nucleiseg.core.masks import Instance
+from nucleiseg.data.download import dataset_root, safe_extract
+from nucleiseg.data.layout import load_train_sample, train_ids
+from nucleiseg.predict.postprocess import detections_to_instances
 
 SIZE_BINS = ((0, 15), (15, 30), (30, 10_000))  # largest extent of a nucleus, px
 PAIRS = ("nucleiseg", "exact")

@@ -19,12 +19,12 @@ import time
 
 import yaml
 
-from nucleiseg.config import params_from_dict, read_params
-from nucleiseg.data import load_train_sample
-from nucleiseg.engine import resolve_device
-from nucleiseg.io import read_json
-from nucleiseg.model import load_trained
-from nucleiseg.validation import WholeImageValidator
+from nucleiseg.core.config import params_from_dict, read_params
+from nucleiseg.core.io import read_json
+from nucleiseg.core.runtime import resolve_device
+from nucleiseg.data.layout import load_train_sample
+from nucleiseg.model.maskrcnn import load_trained
+from nucleiseg.train.hooks import WholeImageValidator
 
 DEFAULT_GRID = {"mask_threshold": [0.4, 0.6], "min_area": [0, 30], "dedup_iou": [0.2, 0.5], "fill_holes": [False]}
 COLUMNS = ("ap50_all", "ap50", "f1", "pq", "aji", "score_threshold")

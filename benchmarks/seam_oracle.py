@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from nucleiseg import coco, stitch
-from nucleiseg.data import load_train_sample, train_ids
-from nucleiseg.download import dataset_root, safe_extract
-from nucleiseg.metrics import coco_segm_metrics
+from nucleiseg.core import coco
+from nucleiseg.data.download import dataset_root, safe_extract
+from nucleiseg.data.layout import load_train_sample, train_ids
+from nucleiseg.evaluate.metrics import coco_segm_metrics
+from nucleiseg.predict import stitch
 
 
 def _key(inst) -> tuple:

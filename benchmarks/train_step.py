@@ -22,12 +22,18 @@ from pathlib import Path
 
 import torch
 
-from nucleiseg.config import AugmentConfig, ModelConfig, TrainConfig
-from nucleiseg.dataset import EpochBatches, EpochSampler, TileDataset, default_workers
-from nucleiseg.engine import build_loader, build_optimizer, build_scheduler, seed_everything, train_one_epoch
-from nucleiseg.model import build_model
-from nucleiseg.synthetic import generate_dataset
-from nucleiseg.tiles import write_split
+from nucleiseg.core.config import AugmentConfig, ModelConfig, TrainConfig
+from nucleiseg.core.runtime import default_workers, seed_everything
+from nucleiseg.data.synthetic import generate_dataset
+from nucleiseg.data.tile_store import write_split
+from nucleiseg.model.maskrcnn import build_model
+from nucleiseg.train.loop import (
+    build_loader,
+    build_optimizer,
+    build_scheduler,
+    train_one_epoch,
+)
+from nucleiseg.train.samples import EpochBatches, EpochSampler, TileDataset
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

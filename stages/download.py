@@ -2,9 +2,9 @@
 
 import dataclasses
 
-from nucleiseg.config import read_params
-from nucleiseg.download import fetch_dataset
-from nucleiseg.errors import main_guard
+from nucleiseg.core.config import read_params
+from nucleiseg.core.errors import main_guard
+from nucleiseg.data.download import fetch_dataset
 
 
 @main_guard

@@ -4,11 +4,15 @@ plots/operating_point.csv, overlays/; logged into the training run."""
 import logging
 from pathlib import Path
 
-from nucleiseg import tracking
-from nucleiseg.config import read_params
-from nucleiseg.errors import main_guard
-from nucleiseg.evaluation import EvaluateOutputs, evaluate_predictions
-from nucleiseg.io import read_json
+from nucleiseg.core.config import read_params
+from nucleiseg.core.errors import main_guard
+from nucleiseg.core.io import read_json
+from nucleiseg.evaluate.outputs import (
+    EvaluateOutputs,
+    evaluate_predictions,
+    log_evaluation,
+)
+from nucleiseg.track import runs as tracking
 
 log = logging.getLogger("evaluate")
 
@@ -21,7 +25,7 @@ def main() -> None:
     outputs = EvaluateOutputs()
     metrics = evaluate_predictions(Path("data/raw"), Path("data/split.json"), Path("predictions"), params.evaluate,
                                    params.infer.score_threshold, params.data.test_annotations, outputs)
-    tracking.log_evaluation(run_id, metrics, outputs, Path("submission/answer.json"))
+    log_evaluation(run_id, metrics, outputs, Path("submission/answer.json"))
     log.info("val: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
 

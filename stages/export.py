@@ -2,10 +2,10 @@
 
 import logging
 
-from nucleiseg.data import load_test_index
-from nucleiseg.errors import main_guard
-from nucleiseg.export import build_answer, write_answer
-from nucleiseg.io import atomic_path, read_json
+from nucleiseg.core.errors import main_guard
+from nucleiseg.core.io import atomic_path, read_json
+from nucleiseg.data.layout import load_test_index
+from nucleiseg.export.answer import build_answer, write_answer
 
 log = logging.getLogger("export")
 

@@ -4,13 +4,13 @@ every detection above infer.score_threshold, for AP; the evaluate stage chooses 
 import json
 import logging
 
-from nucleiseg.config import read_params
-from nucleiseg.data import load_test_index, train_image_path, val_image_ids
-from nucleiseg.engine import resolve_device
-from nucleiseg.errors import main_guard
-from nucleiseg.io import atomic_path, read_json
-from nucleiseg.model import load_trained
-from nucleiseg.predictor import Predictor, predict_files
+from nucleiseg.core.config import read_params
+from nucleiseg.core.errors import main_guard
+from nucleiseg.core.io import atomic_path, read_json
+from nucleiseg.core.runtime import resolve_device
+from nucleiseg.data.layout import load_test_index, train_image_path, val_image_ids
+from nucleiseg.model.maskrcnn import load_trained
+from nucleiseg.predict.predictor import Predictor, predict_files
 
 log = logging.getLogger("infer")
 

@@ -3,12 +3,12 @@
 import dataclasses
 import logging
 
-from nucleiseg.config import read_params
-from nucleiseg.data import source_record, split_ids, train_ids
-from nucleiseg.dataset import default_workers
-from nucleiseg.errors import main_guard
-from nucleiseg.io import atomic_path, write_json
-from nucleiseg.tiles import write_split
+from nucleiseg.core.config import read_params
+from nucleiseg.core.errors import main_guard
+from nucleiseg.core.io import atomic_path, write_json
+from nucleiseg.core.runtime import default_workers
+from nucleiseg.data.layout import source_record, split_ids, train_ids
+from nucleiseg.data.tile_store import write_split
 
 log = logging.getLogger("tile")
 

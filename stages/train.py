@@ -9,9 +9,9 @@ import sys
 
 import torch
 
-from nucleiseg.config import read_params
-from nucleiseg.errors import main_guard
-from nucleiseg.training import run_training
+from nucleiseg.core.config import read_params
+from nucleiseg.core.errors import main_guard
+from nucleiseg.train.stage import run_training
 
 
 @main_guard

@@ -31,10 +31,10 @@ import pytest
 import torch
 import yaml
 
-from nucleiseg.config import ModelConfig, Params, params_from_dict
-from nucleiseg.data import split_ids, train_ids
-from nucleiseg.synthetic import generate_dataset
-from nucleiseg.tiles import write_split
+from nucleiseg.core.config import ModelConfig, Params, params_from_dict
+from nucleiseg.data.layout import split_ids, train_ids
+from nucleiseg.data.synthetic import generate_dataset
+from nucleiseg.data.tile_store import write_split
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nucleiseg import engine
-from nucleiseg.errors import NucleisegError
-from nucleiseg.model import build_model, load_trained, load_weights_file
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.model.maskrcnn import build_model, load_trained, load_weights_file
+from nucleiseg.train import loop as engine
 
 
 class Payload:

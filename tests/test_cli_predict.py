@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 import nucleiseg.cli as cli
-from nucleiseg.config import ModelConfig
-from nucleiseg.errors import NucleisegError
-from nucleiseg.masks import Instance, from_rle, paste
-from nucleiseg.model import build_model
-from nucleiseg.predictor import Predictor
+from nucleiseg.core.config import ModelConfig
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.masks import Instance, from_rle, paste
+from nucleiseg.model.maskrcnn import build_model
+from nucleiseg.predict.predictor import Predictor
 
 torch.set_num_threads(2)
 
@@ -218,7 +218,7 @@ def test_mlflow_uri_reads_the_runs_operating_point(tmp_path, caplog):
     """runs:/<id>/model -> the run's operating_point.json artifact; a run without it -> infer.score_threshold + warning."""
     import mlflow
 
-    from nucleiseg import tracking
+    from nucleiseg.track import runs as tracking
 
     tracking.configure()
     with mlflow.start_run() as with_point:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nucleiseg.config import Params, params_from_dict, read_params
-from nucleiseg.errors import NucleisegError
+from nucleiseg.core.config import Params, params_from_dict, read_params
+from nucleiseg.core.errors import NucleisegError
 
 REPO = Path(__file__).resolve().parents[1]
 ZEROS = "0" * 64

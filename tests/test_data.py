@@ -11,8 +11,15 @@ import pytest
 import tifffile
 from PIL import Image
 
-from nucleiseg.data import load_test_index, load_train_sample, read_mask, read_rgb, split_ids, train_ids
-from nucleiseg.errors import NucleisegError
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.data.layout import (
+    load_test_index,
+    load_train_sample,
+    read_mask,
+    read_rgb,
+    split_ids,
+    train_ids,
+)
 
 H, W = 6, 10
 
@@ -222,7 +229,7 @@ def test_load_train_sample_skips_empty_masks(tmp_path, caplog):
     size = (20, 24)
     masks = [_square(size, 2, 3, 4), np.zeros(size, bool), _square(size, 10, 15, 6)]
     _write_sample(tmp_path, "img1", masks, size)
-    with caplog.at_level(logging.WARNING, logger="nucleiseg.data"):
+    with caplog.at_level(logging.WARNING, logger="nucleiseg.data.layout"):
         sample = load_train_sample(tmp_path, "img1", workers=2)
     assert sample.name == "img1"
     assert sample.image.shape == size + (3,) and sample.image.dtype == np.uint8
@@ -237,7 +244,7 @@ def test_load_train_sample_skips_empty_masks(tmp_path, caplog):
 def test_load_train_sample_no_warning_without_empty(tmp_path, caplog):
     size = (20, 24)
     _write_sample(tmp_path, "img1", [_square(size, 0, 0, 3)], size)
-    with caplog.at_level(logging.WARNING, logger="nucleiseg.data"):
+    with caplog.at_level(logging.WARNING, logger="nucleiseg.data.layout"):
         sample = load_train_sample(tmp_path, "img1")
     assert len(sample.instances) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -398,7 +405,7 @@ def test_read_mask_float_thresholds_at_half(tmp_path):
 
 
 def test_train_image_path_finds_tiff_images(tmp_path):
-    from nucleiseg.data import train_image_path
+    from nucleiseg.data.layout import train_image_path
 
     (tmp_path / "train" / "a" / "images").mkdir(parents=True)
     (tmp_path / "train" / "a" / "images" / "a.tif").write_bytes(b"x")

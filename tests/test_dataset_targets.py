@@ -11,12 +11,21 @@ import torch
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms.v2 import functional as TF
 
-from nucleiseg.config import AugmentConfig
-from nucleiseg.dataset import MIN_MASK_PIXELS, EpochBatches, EpochSampler, TileDataset, augment, draw_params, expand_masks, label_targets
-from nucleiseg.masks import Instance, iou
-from nucleiseg.synthetic import synth_image
-from nucleiseg.tiles import label_layers, window_instances_from_labels
-from nucleiseg.tiling import Window, window_instances
+from nucleiseg.core.config import AugmentConfig
+from nucleiseg.core.masks import Instance, iou
+from nucleiseg.core.windows import Window, window_instances
+from nucleiseg.data.synthetic import synth_image
+from nucleiseg.data.tile_store import label_layers, window_instances_from_labels
+from nucleiseg.train.samples import (
+    MIN_MASK_PIXELS,
+    EpochBatches,
+    EpochSampler,
+    TileDataset,
+    augment,
+    draw_params,
+    expand_masks,
+    label_targets,
+)
 
 SIZE = 128
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from nucleiseg import coco
-from nucleiseg.config import read_params
-from nucleiseg.data import load_test_index, load_train_sample
-from nucleiseg.evaluation import evaluate, val_image_ids
-from nucleiseg.export import build_answer
+from nucleiseg.core import coco
+from nucleiseg.core.config import read_params
+from nucleiseg.data.layout import load_test_index, load_train_sample, val_image_ids
+from nucleiseg.evaluate.evaluator import evaluate
+from nucleiseg.export.answer import build_answer
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nucleiseg.config import params_from_dict
+from nucleiseg.core.config import params_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "scripts" / "demo"

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import nucleiseg.download as download
-from nucleiseg.download import drive_file_id, fetch_dataset, sha256sum
-from nucleiseg.errors import NucleisegError
-from nucleiseg.synthetic import generate_dataset
+import nucleiseg.data.download as download
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.data.download import drive_file_id, fetch_dataset, sha256sum
+from nucleiseg.data.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = REPO / "stages"

@@ -17,11 +17,16 @@ from pathlib import Path
 
 import pytest
 
-import nucleiseg.download as download
-from nucleiseg.data import load_test_index, train_ids
-from nucleiseg.download import describe_source, fetch_dataset, sha256sum, verify_sha256
-from nucleiseg.errors import NucleisegError, main_guard
-from nucleiseg.synthetic import generate_dataset
+import nucleiseg.data.download as download
+from nucleiseg.core.errors import NucleisegError, main_guard
+from nucleiseg.data.download import (
+    describe_source,
+    fetch_dataset,
+    sha256sum,
+    verify_sha256,
+)
+from nucleiseg.data.layout import load_test_index, train_ids
+from nucleiseg.data.synthetic import generate_dataset
 
 SMALL = {"n_train": 2, "n_test": 1, "size": 48, "radius_range": (3, 8), "seed": 0}
 HOMEWORK_SHA = "0081bdbc5554573c7a9fe38360d604224f23a864f49a77d32c764f6e38f10e84"
@@ -205,7 +210,7 @@ def test_zip_member_over_size_limit(dataset, tmp_path, capsys, monkeypatch):
     out = tmp_path / "data" / "raw"
     line = one_line_error(capsys, fetch_dataset, str(archive), out)
     assert line.startswith(f"error: {archive}: member 'dataset/big.bin' unpacks to 97.7 KiB, over the 48.8 KiB limit per file "
-        "(nucleiseg.download.MAX_MEMBER_BYTES); refusing a possible zip bomb")
+        "(nucleiseg.data.download.MAX_MEMBER_BYTES); refusing a possible zip bomb")
     nothing_left(out)
 
 
@@ -451,7 +456,7 @@ def test_offline_drive_other_file_keeps_its_sha(tmp_path, monkeypatch, closed_po
 def test_offline_stage_like_run_leaves_no_data_folder(tmp_path, closed_port):
     """As `dvc repro` runs it: a fresh process, cwd = repo, data/ absent before and after."""
     code = (
-        "import nucleiseg.download as d; from nucleiseg.errors import main_guard\n"
+        "import nucleiseg.data.download as d; from nucleiseg.core.errors import main_guard\n"
         f"d.DRIVE_ENDPOINT = ('127.0.0.1', {closed_port})\n"
         "main_guard(lambda: d.fetch_dataset(d.HOMEWORK_DRIVE_ID and 'gdrive:' + d.HOMEWORK_DRIVE_ID, 'data/raw'))()\n"
     )

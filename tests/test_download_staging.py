@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-import nucleiseg.io as nio
-from nucleiseg.download import fetch_dataset
-from nucleiseg.io import LOCK_NAME, atomic_path, clear_stale_temps
+import nucleiseg.core.io as nio
+from nucleiseg.core.io import LOCK_NAME, atomic_path, clear_stale_temps
+from nucleiseg.data.download import fetch_dataset
 
 SMALL = {"n_train": 1, "n_test": 1, "size": 32, "radius_range": (3, 6), "seed": 0}
 
 HOLDER = """
 import sys
 from pathlib import Path
-from nucleiseg.io import atomic_path
+from nucleiseg.core.io import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.mkdir()
     (tmp / "part").write_text("being written")

@@ -1,22 +1,21 @@
-"""dvc.yaml's stage deps are each stage's script plus exactly the library modules it imports (issue 10).
+"""dvc.yaml's stage deps are each stage's script plus exactly the library code it imports.
 
-Depending on the whole of src/nucleiseg re-ran download, tiling and training after an edit of
-report.py or cli.py, which no stage imports. `nucleiseg.depgraph` derives the deps from the
-imports; these tests pin down what it counts as an import and that dvc.yaml is in sync with it.
-When test_dvc_yaml_deps_match_imports fails, run `python -m nucleiseg.depgraph --write`.
+A package folder is listed when the stage uses every module in it, otherwise the files it uses:
+editing the overlay code must not retrain, editing the CLI or the report must re-run nothing.
+`stage_imports` (a test helper) follows the imports statically; these tests pin down what it counts
+as an import and that dvc.yaml and the train stage's params agree with the code.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
+from stage_imports import folder_deps, stage_modules
 
-from nucleiseg.depgraph import check, expected_deps, main, rewrite_deps, stage_modules
+from nucleiseg.train.stage import PARAMS as TRAIN_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,146 +156,49 @@ def test_root_makes_paths_relative(pkg):
     assert got == ["src/toypkg/__init__.py", "src/toypkg/c.py"]
 
 
+# --------------------------------------------------------------------------- folders
+
+
+def test_folder_deps_collapse_only_whole_packages(pkg):
+    mods = stage_modules(pkg / "src/toypkg/sub/deep.py", pkg / "src/toypkg", root=pkg) + ["src/toypkg/sub/deep.py"]
+    assert folder_deps(sorted(mods), Path("src/toypkg"), pkg) == ["src/toypkg/__init__.py", "src/toypkg/c.py", "src/toypkg/sub"]
+    partial = ["src/toypkg/__init__.py", "src/toypkg/sub/__init__.py", "src/toypkg/sub/leaf.py"]
+    assert folder_deps(partial, Path("src/toypkg"), pkg) == partial
+
+
 # --------------------------------------------------------------------------- the real dvc.yaml
 
-
-def test_dvc_yaml_deps_match_imports():
-    """Each stage's src/ deps in dvc.yaml == the package modules its script imports. No more, no less.
-
-    Fix a failure with `python -m nucleiseg.depgraph --write` (then review the dvc.yaml diff).
-    """
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert stages, "dvc.yaml has no stages"
-    problems = []
-    for name, stage in stages.items():
-        script = f"stages/{name}.py"
-        assert (REPO / script).is_file(), f"stage {name}: no {script}"
-        deps = stage.get("deps") or []
-        if script not in deps:
-            problems.append(f"{name}: {script} is not among its deps")
-        listed = sorted(d for d in deps if d == "src" or d.startswith("src/"))
-        want = stage_modules(REPO / script, REPO / "src/nucleiseg", root=REPO)
-        assert want, f"stage {name} imports nothing from nucleiseg?"
-        if listed != want:
-            problems.append(
-                f"{name}: missing {sorted(set(want) - set(listed))}, extra {sorted(set(listed) - set(want))}"
-            )
-    assert not problems, "dvc.yaml deps out of date (python -m nucleiseg.depgraph --write):\n" + "\n".join(problems)
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
-def test_report_and_cli_are_in_no_stage():
-    """The point of issue 10: modules only the CLI uses must not re-run the pipeline."""
-    for script in sorted((REPO / "stages").glob("*.py")):
-        mods = stage_modules(script, REPO / "src/nucleiseg", root=REPO)
-        assert "src/nucleiseg/report.py" not in mods, script.name
-        assert "src/nucleiseg/cli.py" not in mods, script.name
-        assert "src/nucleiseg/depgraph.py" not in mods, script.name
+def stage_code(name: str) -> list[str]:
+    return folder_deps(stage_modules(REPO / f"stages/{name}.py", REPO / "src/nucleiseg", root=REPO), Path("src/nucleiseg"), REPO)
 
 
-# --------------------------------------------------------------------------- --check / --write
-
-DVC_YAML = """\
-# Top comment: kept.
-stages:
-  first:   # stage comment
-    cmd: python stages/first.py
-    deps:
-      - stages/first.py
-      - src/toypkg   # the whole library (to be replaced)
-      - data/raw    # raw data, kept
-    params:
-      - seed   # kept
-    outs:
-      - data/out
-
-  second:
-    cmd: python stages/second.py --fast
-    deps:
-    # a comment in front of a data dep stays with it
-    - data/out
-    - "src/toypkg/c.py"
-    outs:
-    - models/m.pt:
-        cache: false
-
-plots:
-  - Curves:
-      x: epoch
-"""
+@pytest.mark.parametrize("name", list(STAGES))
+def test_dvc_yaml_deps_match_imports(name):
+    """Each stage's src/ deps in dvc.yaml == the package code its script imports, folded into folders
+    where it uses a whole package. No more, no less."""
+    deps = STAGES[name].get("deps") or []
+    assert f"stages/{name}.py" in deps
+    listed = sorted(d for d in deps if d == "src" or d.startswith("src/"))
+    assert listed == stage_code(name), "set the stage's src/ deps in dvc.yaml to the expected list"
 
 
-@pytest.fixture
-def project(pkg):
-    write(pkg, {"stages/first.py": "from toypkg.a import helper\n", "stages/second.py": "import toypkg.lazy\n"})
-    (pkg / "dvc.yaml").write_text(DVC_YAML)
-    return pkg
+def test_only_evaluate_reaches_the_stage_outputs_and_no_stage_the_cli():
+    """Overlays, CSVs and the MLflow logging of results live where only the evaluate stage reaches them;
+    the CLI and the report in no stage."""
+    for name in STAGES:
+        code = stage_code(name)
+        assert "src/nucleiseg/cli.py" not in code and "src/nucleiseg/track/report.py" not in code, name
+        assert "src/nucleiseg/track" not in code, name
+        if name != "evaluate":
+            assert not any(c.startswith("src/nucleiseg/evaluate/outputs.py") or c == "src/nucleiseg/evaluate" for c in code), name
+    assert "src/nucleiseg/train" in stage_code("train") and "src/nucleiseg/train" not in stage_code("infer")
 
 
-def test_write_is_idempotent_and_keeps_comments(project, capsys):
-    path = project / "dvc.yaml"
-    args = ["--dvc-yaml", str(path), "--package-dir", "src/toypkg"]
-    assert main(["--check", *args]) == 1
-    out = capsys.readouterr().out
-    assert "first: extra src/toypkg" in out and "second: missing stages/second.py" in out
-
-    assert main(["--write", *args]) == 0
-    once = path.read_text()
-    assert main(["--write", *args]) == 0
-    assert path.read_text() == once  # idempotent
-    assert main(["--check", *args]) == 0
-
-    # comments and everything outside the deps lists are unchanged
-    for line in DVC_YAML.splitlines():
-        if "to be replaced" in line or '"src/toypkg/c.py"' in line:
-            assert line not in once
-        else:
-            assert line in once.splitlines(), line
-    assert once.startswith("# Top comment: kept.\nstages:\n  first:   # stage comment\n")
-
-    old, new = yaml.safe_load(DVC_YAML), yaml.safe_load(once)
-    assert new["stages"]["first"]["deps"] == [
-        "stages/first.py",
-        "src/toypkg/__init__.py",
-        "src/toypkg/a.py",
-        "src/toypkg/b.py",
-        "src/toypkg/c.py",
-        "data/raw",
-    ]
-    # script first (added when missing), then modules, then the data deps; indentation style kept
-    assert new["stages"]["second"]["deps"] == [
-        "stages/second.py",
-        "src/toypkg/__init__.py",
-        "src/toypkg/heavy.py",
-        "src/toypkg/lazy.py",
-        "data/out",
-    ]
-    assert "    - stages/second.py\n    - src/toypkg/__init__.py\n" in once
-    assert "    # a comment in front of a data dep stays with it\n    - data/out\n" in once
-    for name in old["stages"]:
-        old["stages"][name].pop("deps"), new["stages"][name].pop("deps")
-    assert new == old
-
-
-def test_rewrite_deps_keeps_crlf_and_rejects_flow_lists(project):
-    stages = yaml.safe_load(DVC_YAML)["stages"]
-    expected = expected_deps(project, stages, Path("src/toypkg"))
-    crlf = rewrite_deps(DVC_YAML.replace("\n", "\r\n"), expected)
-    assert crlf == rewrite_deps(DVC_YAML, expected).replace("\n", "\r\n")
-    assert check(stages, expected) != []
-
-    flow = DVC_YAML.replace(
-        "    deps:\n      - stages/first.py\n      - src/toypkg   # the whole library (to be replaced)\n"
-        "      - data/raw    # raw data, kept\n",
-        "    deps: [stages/first.py, src/toypkg, data/raw]\n",
-    )
-    with pytest.raises(ValueError, match="block-style"):
-        rewrite_deps(flow, expected)
-
-
-def test_command_line_check_on_the_repo_runs():
-    """`python -m nucleiseg.depgraph` works from the repository root (exit 0 or 1, never a crash)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "nucleiseg.depgraph", "--check"], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode in (0, 1), proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_train_params_are_the_keys_its_code_reads():
+    """The train stage lists the infer/evaluate keys its validation reads, not whole sections, and the
+    resume checkpoint is keyed by the same list."""
+    assert STAGES["train"]["params"] == list(TRAIN_PARAMS)
+    assert "evaluate.overlays" not in TRAIN_PARAMS and "infer" not in TRAIN_PARAMS and "evaluate" not in TRAIN_PARAMS

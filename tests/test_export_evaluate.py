@@ -15,14 +15,28 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from nucleiseg import coco, evaluation
-from nucleiseg import data as nucleiseg_data
-from nucleiseg.config import EvaluateConfig
-from nucleiseg.errors import NucleisegError
-from nucleiseg.evaluation import EvaluateOutputs, evaluate, evaluate_predictions, load_operating_point, operating_grid, overlay, val_image_ids
-from nucleiseg.export import ANSWER_KEYS, build_answer, validate_answer, write_answer
-from nucleiseg.masks import Instance, paste
-from nucleiseg.synthetic import generate_dataset, synth_image
+from nucleiseg.core import coco
+from nucleiseg.core.config import EvaluateConfig
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.masks import Instance, paste
+from nucleiseg.data import layout as nucleiseg_data
+from nucleiseg.data.layout import val_image_ids
+from nucleiseg.data.synthetic import generate_dataset, synth_image
+from nucleiseg.evaluate import evaluator as evaluation
+from nucleiseg.evaluate.evaluator import evaluate, operating_grid
+from nucleiseg.evaluate.outputs import (
+    EvaluateOutputs,
+    coco_records,
+    evaluate_predictions,
+    load_operating_point,
+    overlay,
+)
+from nucleiseg.export.answer import (
+    ANSWER_KEYS,
+    build_answer,
+    validate_answer,
+    write_answer,
+)
 
 STAGES = Path(__file__).resolve().parents[1] / "stages"
 
@@ -429,7 +443,7 @@ def test_ground_truth_through_export_and_evaluate_scores_perfect(repo, tiny_spli
     ap50_all = 1 and f1 = 1 against the test ground truth, and so does metrics/eval.json on val and test."""
     import yaml
 
-    from nucleiseg import tracking
+    from nucleiseg.track import runs as tracking
 
     raw = repo / "data" / "raw"
     # Annotated "test" images: two training images copied into test/, listed in test_img_ids.json.
@@ -466,7 +480,7 @@ def test_ground_truth_through_export_and_evaluate_scores_perfect(repo, tiny_spli
     assert exported.returncode == 0, exported.stderr[-3000:]
     answer = json.loads((repo / "submission" / "answer.json").read_text())
     assert len(answer) == sum(len(r.instances) for r in test_recs)
-    scored = evaluation.evaluate(evaluation.coco_records(repo / "test_gt.json"), answer, 100).metrics
+    scored = evaluation.evaluate(coco_records(repo / "test_gt.json"), answer, 100).metrics
     assert scored["ap50_all"] == 1.0 and scored["f1"] == 1.0 and scored["aji"] == pytest.approx(1.0)
 
     evaluated = _stage("evaluate", repo, env)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nucleiseg.masks import Instance
-from nucleiseg.synthetic import generate_dataset
+from nucleiseg.core.masks import Instance
+from nucleiseg.data.synthetic import generate_dataset
 
 ORACLE = Path(__file__).resolve().parents[1] / "benchmarks" / "mask_resolution_oracle.py"
 

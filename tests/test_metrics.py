@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nucleiseg import metrics
-from nucleiseg.coco import ImageRecord, ground_truth, results
-from nucleiseg.masks import Instance, iou
+from nucleiseg.core.coco import ImageRecord, ground_truth, results
+from nucleiseg.core.masks import Instance, iou
+from nucleiseg.evaluate import metrics
 
 H = W = 64
 TOL = 1e-6

@@ -7,11 +7,17 @@ import time
 import pytest
 import torch
 
-import nucleiseg.model as model_mod
-from nucleiseg.config import ModelConfig
-from nucleiseg.errors import NucleisegError
-from nucleiseg.inference import detections_to_instances
-from nucleiseg.model import REGISTRY, WindowTransform, build_model, load_trained, raw_mask_outputs
+import nucleiseg.model.maskrcnn as model_mod
+from nucleiseg.core.config import ModelConfig
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.model.maskrcnn import (
+    REGISTRY,
+    WindowTransform,
+    build_model,
+    load_trained,
+    raw_mask_outputs,
+)
+from nucleiseg.predict.postprocess import detections_to_instances
 
 DETECTIONS = 20  # tiny_model_cfg's detections_per_img
 

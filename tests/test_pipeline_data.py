@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nucleiseg.synthetic import generate_dataset
+from nucleiseg.data.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 # Prefer the dvc installed beside this Python (a pyenv shim needs the real HOME to resolve).
@@ -74,7 +74,7 @@ def test_dvc_repro_tile(dvc_repo):
     ids = sorted(p.name for p in (work / "data" / "raw" / "train").iterdir())
     assert sorted(split["train"] + split["val"]) == ids == [f"synth-train-{k:03d}" for k in range(4)]
 
-    from nucleiseg.tiles import read_index
+    from nucleiseg.data.tile_store import read_index
 
     tiles = work / "data" / "tiles"
     entries = read_index(tiles, "train")

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nucleiseg import tracking
 from nucleiseg.cli import main as cli_main
-from nucleiseg.errors import NucleisegError
-from nucleiseg.report import format_duration, write_report
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.track import runs as tracking
+from nucleiseg.track.report import format_duration, write_report
 
 RUNS = {
     # name: (backbone, weights, epochs, metrics)

@@ -8,13 +8,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from nucleiseg import coco, stitch
-from nucleiseg.config import InferConfig
-from nucleiseg.masks import Instance, paste, to_rle
-from nucleiseg.metrics import coco_segm_metrics
-from nucleiseg.predictor import Predictor
-from nucleiseg.synthetic import synth_image
-from nucleiseg.tiling import axis_cores, window_starts, windows
+from nucleiseg.core import coco
+from nucleiseg.core.config import InferConfig
+from nucleiseg.core.masks import Instance, paste, to_rle
+from nucleiseg.core.windows import axis_cores, window_starts, windows
+from nucleiseg.data.synthetic import synth_image
+from nucleiseg.evaluate.metrics import coco_segm_metrics
+from nucleiseg.predict import stitch
+from nucleiseg.predict.predictor import Predictor
 
 WINDOW, OVERLAP = 96, 40  # overlap > largest synthetic nucleus (radius 14 -> 28 px)
 

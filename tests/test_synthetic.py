@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from nucleiseg.errors import NucleisegError
-from nucleiseg.masks import Instance, intersection
-from nucleiseg.synthetic import generate_dataset, synth_image
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.masks import Instance, intersection
+from nucleiseg.data.synthetic import generate_dataset, synth_image
 
 
 def _files(root):

@@ -8,12 +8,19 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from nucleiseg import tiles
-from nucleiseg.data import load_train_sample, train_ids
-from nucleiseg.errors import NucleisegError
-from nucleiseg.masks import Instance, from_full_mask, from_rle, to_rle
-from nucleiseg.synthetic import generate_dataset
-from nucleiseg.tiling import PAD_VALUE, Window, crop_window, window_instances, window_starts, windows
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.masks import Instance, from_full_mask, from_rle, to_rle
+from nucleiseg.core.windows import (
+    PAD_VALUE,
+    Window,
+    crop_window,
+    window_instances,
+    window_starts,
+    windows,
+)
+from nucleiseg.data import tile_store as tiles
+from nucleiseg.data.layout import load_train_sample, train_ids
+from nucleiseg.data.synthetic import generate_dataset
 
 COMBOS = [
     (64, 64, 16),  # length == size

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from nucleiseg.sources import describe_source
-from nucleiseg import tracking
-from nucleiseg.errors import NucleisegError
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.data.sources import describe_source
+from nucleiseg.track import runs as tracking
 
 MISSING_RUN = "0123456789abcdef0123456789abcdef"
 

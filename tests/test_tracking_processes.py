@@ -21,7 +21,7 @@ WORKER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import mlflow
-    from nucleiseg import tracking
+    from nucleiseg.track import runs as tracking
 
     index, sync = sys.argv[1], Path(sys.argv[2])
     (sync / f"ready-{index}").touch()
@@ -78,7 +78,7 @@ STEP = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import mlflow
-    from nucleiseg import tracking
+    from nucleiseg.track import runs as tracking
 
     reopen, payload = sys.argv[1] or None, Path(sys.argv[2])
     with tracking.active_run(reopen, name=None if reopen else "step") as run:

@@ -12,11 +12,12 @@ import textwrap
 import pytest
 import torch
 
-from nucleiseg import engine, training
-from nucleiseg.config import AugmentConfig
-from nucleiseg.dataset import TileDataset
-from nucleiseg.errors import NucleisegError
-from nucleiseg.model import build_model, load_trained
+from nucleiseg.core.config import AugmentConfig
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.model.maskrcnn import build_model, load_trained
+from nucleiseg.train import loop as engine
+from nucleiseg.train import stage as training
+from nucleiseg.train.samples import TileDataset
 
 NO_AUGMENT = AugmentConfig(crop=0, scale=[1.0, 1.0], flip=False, rot90=False, color_jitter=0.0)
 CPU = torch.device("cpu")
@@ -369,7 +370,7 @@ def test_run_training_keeps_the_best_val_epoch_and_logs_a_complete_mlflow_run(ti
     assert saved["model_config"] == {**dataclasses.asdict(params.model), "norm": "groupnorm"} and saved["best_epoch"] == 1
     assert_same_state(saved["model"], seen[1])
     assert differs(saved["model"], seen[2])
-    assert not training.checkpoint_path(params, inputs(tiny_data).split).exists(), "resume checkpoint left behind after success"
+    assert not training.checkpoint_path(params, inputs(tiny_data)).exists(), "resume checkpoint left behind after success"
 
     # The model rebuilds from model.pt alone.
     model, _ = load_trained(out.model)
@@ -413,7 +414,7 @@ def test_run_training_keeps_the_best_val_epoch_and_logs_a_complete_mlflow_run(ti
 def test_crash_inside_the_run_marks_it_failed(tiny_data, mlflow_store, make_params, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from nucleiseg import tracking
+    from nucleiseg.track import runs as tracking
 
     def crash(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
@@ -441,14 +442,15 @@ DDP_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    from nucleiseg import engine
-    from nucleiseg.config import ModelConfig, params_from_dict
-    from nucleiseg.dataset import TileDataset
-    from nucleiseg.model import build_model
+    from nucleiseg.train import loop as engine
+    from nucleiseg.core.config import ModelConfig, params_from_dict
+    from nucleiseg.train.samples import TileDataset
+    from nucleiseg.model.maskrcnn import build_model
 
     tiles_dir, out_dir, epochs = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     model_cfg = ModelConfig(**json.loads(sys.argv[4]))
-    dist = engine.dist_info()
+    from nucleiseg.core.runtime import dist_info
+    dist = dist_info()
     torch.distributed.init_process_group("gloo")
     torch.manual_seed(dist.rank)  # different init per rank: DDP must make them agree
     model = build_model(model_cfg)

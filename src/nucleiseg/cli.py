@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NucleisegError, main_guard
+from nucleiseg.core.errors import NucleisegError, main_guard
 
 log = logging.getLogger("nucleiseg")
 
@@ -62,7 +62,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
     PNG/TIFF/JPEG files count. The same file named twice is kept once. A named path that
     does not exist is refused here, before anything else happens.
     """
-    from .data import IMAGE_SUFFIXES
+    from nucleiseg.data.layout import IMAGE_SUFFIXES
 
     missing = [item for item in inputs if not Path(item).exists()]
     if missing:
@@ -97,7 +97,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 def check_readable(images: list[Path]) -> list[tuple[int, int]]:
     """(height, width) of every image, each decoded once; any unreadable one -> one NucleisegError naming them all."""
-    from .data import read_rgb
+    from nucleiseg.data.layout import read_rgb
 
     sizes, bad = [], []
     for path in images:
@@ -134,7 +134,7 @@ class Settings:
 
 def infer_settings(args) -> Settings:
     """Params file (its `infer` section and top-level `device`), then the flags, all checked by config.py."""
-    from .config import InferConfig, Params, params_from_dict, read_params
+    from nucleiseg.core.config import InferConfig, Params, params_from_dict, read_params
 
     params_path = Path(args.params)
     if params_path.is_file():
@@ -168,7 +168,7 @@ def is_mlflow_uri(model: str) -> bool:
 
 def load_model(model: str, device):
     """A Mask R-CNN in eval mode from models/model.pt (train stage output) or an MLflow model URI."""
-    from .model import WindowTransform, load_trained
+    from nucleiseg.model.maskrcnn import WindowTransform, load_trained
 
     if not is_mlflow_uri(model):
         try:
@@ -184,7 +184,7 @@ def load_model(model: str, device):
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
-    from . import tracking
+    from nucleiseg.track import runs as tracking
 
     if tracking.uses_local_store() and not tracking.store_db().is_file():  # never create an empty store here
         raise NucleisegError(f"{model}: no MLflow store at {tracking.store_label()}; run nucleiseg from the root of the repository "
@@ -222,7 +222,7 @@ def mlflow_operating_point(model: str) -> float | None:
 
     import mlflow.artifacts
 
-    from .evaluation import load_operating_point
+    from nucleiseg.evaluate.outputs import load_operating_point
 
     run_id = _mlflow_run_id(model)
     if run_id is None:
@@ -245,7 +245,7 @@ def mlflow_operating_point(model: str) -> float | None:
 
 def label_threshold(model: str, settings: Settings) -> tuple[float, str]:
     """(score threshold of the label maps and overlays, where it came from)."""
-    from .evaluation import load_operating_point
+    from nucleiseg.evaluate.outputs import load_operating_point
 
     if settings.label_threshold is not None:
         return settings.label_threshold, "--score-threshold"
@@ -265,7 +265,7 @@ def label_threshold(model: str, settings: Settings) -> tuple[float, str]:
 
 
 def labels_uint16(instances, height: int, width: int) -> np.ndarray:
-    from .masks import paste
+    from nucleiseg.core.masks import paste
 
     if len(instances) > MAX_LABEL:
         raise NucleisegError(f"{len(instances)} instances do not fit a 16-bit label image (max {MAX_LABEL}); raise --score-threshold")
@@ -281,7 +281,7 @@ def write_image_outputs(folder: Path, stem: str, image: np.ndarray, instances) -
     import tifffile
     from PIL import Image
 
-    from .evaluation import overlay
+    from nucleiseg.evaluate.outputs import overlay
 
     labels = labels_uint16(instances, *image.shape[:2])
     names = [f"{stem}_labels.tif", f"{stem}_overlay.png"]
@@ -304,12 +304,12 @@ def predict_command(args) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from . import coco
-    from .data import read_rgb
-    from .engine import resolve_device
-    from .evaluation import at_threshold
-    from .io import atomic_path
-    from .predictor import Predictor
+    from nucleiseg.core import coco
+    from nucleiseg.core.io import atomic_path
+    from nucleiseg.core.runtime import resolve_device
+    from nucleiseg.data.layout import read_rgb
+    from nucleiseg.evaluate.evaluator import at_threshold
+    from nucleiseg.predict.predictor import Predictor
 
     try:
         device = resolve_device(settings.device)
@@ -370,7 +370,7 @@ def predict_command(args) -> int:
 
 
 def report_command(args) -> int:
-    from .report import write_report
+    from nucleiseg.track.report import write_report
 
     text = write_report(Path(args.out))
     sys.stdout.write(text)

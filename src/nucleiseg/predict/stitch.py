@@ -18,8 +18,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from .masks import Instance, intersection
-from .tiling import Window, windows
+from nucleiseg.core.masks import Instance, intersection
+from nucleiseg.core.windows import Window, windows
 
 
 def owned(instances: list[Instance], window: Window) -> list[Instance]:

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import torch
 
-from . import tracking
-from .config import Params
-from .data import load_train_sample, source_record
-from .dataset import TileDataset
-from .errors import NucleisegError
-from .engine import dist_info, fit, resolve_device, seed_everything
-from .io import atomic_path, read_json, repo_root, write_json
-from .model import build_model, model_file
-from .validation import WholeImageValidator
+from nucleiseg.core.config import Params
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.io import atomic_path, read_json, repo_root, write_json
+from nucleiseg.core.runtime import dist_info, resolve_device, seed_everything
+from nucleiseg.data.layout import load_train_sample, source_record
+from nucleiseg.model.maskrcnn import build_model, model_file
+from nucleiseg.track import runs as tracking
+from nucleiseg.train.hooks import WholeImageValidator
+from nucleiseg.train.loop import fit
+from nucleiseg.train.samples import TileDataset
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,24 @@ class TrainOutputs:
     curves: Path = Path("plots/train.csv")
 
 
-def checkpoint_path(params: Params, split_file: Path, checkpoints_dir: Path | None = None) -> Path:
-    """Resume file, keyed by everything that shapes the training: a changed param starts afresh."""
+# The params the train stage reads: dvc.yaml lists exactly these (tests/test_dvc_deps.py) and the
+# resume checkpoint is keyed by them, so an overlay or output setting neither retrains nor orphans it.
+VALIDATION_INFER_KEYS = ("window", "overlap", "batch_size", "score_threshold", "mask_threshold", "min_area", "fill_holes",
+                         "dedup_iou", "dedup_ios", "tta", "whole_image", "score")
+VALIDATION_EVALUATE_KEYS = ("max_dets_all", "operating_metric")
+PARAMS = ("backbone", "seed", "device", "model", "train",
+          *(f"infer.{k}" for k in VALIDATION_INFER_KEYS), *(f"evaluate.{k}" for k in VALIDATION_EVALUATE_KEYS))
+
+
+def checkpoint_path(params: Params, inputs: TrainInputs, checkpoints_dir: Path | None = None) -> Path:
+    """Resume file, keyed by the stage's params and data (split + tile index): a change starts afresh."""
     values = params.as_dict()
-    key = {k: values[k] for k in ("backbone", "seed", "data", "model", "train", "tile", "infer", "evaluate")}
-    key["split"] = split_file.read_text() if split_file.is_file() else ""
+    key = {}
+    for name in PARAMS:
+        section, _, field = name.partition(".")
+        key[name] = values[section][field] if field else values[section]
+    for path in (inputs.split, inputs.tiles / "train" / "index.json"):
+        key[path.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return (checkpoints_dir or repo_root() / "checkpoints") / f"train-{digest}.pt"
 
@@ -116,7 +130,7 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
     seed_everything(seed)
     model = build_model(mcfg)
     train_set = TileDataset(inputs.tiles, "train", tcfg.augment, seed)
-    ckpt_path = checkpoint_path(params, inputs.split)
+    ckpt_path = checkpoint_path(params, inputs)
 
     if not dist.is_main:
         fit(model, train_set, tcfg, device, seed, None, ckpt_path, dist=dist, show_progress=False)  # reads only; rank 0 writes
@@ -125,7 +139,7 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
     validate = _validator(params, inputs, device)
     resumed_run = None
     if ckpt_path.is_file():
-        from .engine import load_checkpoint
+        from nucleiseg.train.loop import load_checkpoint
 
         resumed_run = load_checkpoint(ckpt_path).get("run", {}).get("mlflow_run_id")
     if resumed_run:

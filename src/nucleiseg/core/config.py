@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .errors import NucleisegError
+from nucleiseg.core.errors import NucleisegError
 
 DRIVE_SOURCE = "gdrive:1nEJ7NTtHcCHNQqUXaoPk55VH3Uwh4QGG"
 BACKBONES = ("resnet50", "resnet50_v2", "resnet101", "resnet34", "resnet18")

@@ -11,66 +11,22 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-import random
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import TrainConfig
-from .dataset import EpochBatches, EpochSampler, collate, default_workers, expand_masks
-from .errors import NucleisegError
-from .io import atomic_path
+from nucleiseg.core.config import TrainConfig
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.io import atomic_path
+from nucleiseg.core.runtime import DistInfo, default_workers, seed_everything
+from nucleiseg.train.samples import EpochBatches, EpochSampler, collate, expand_masks
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DistInfo:
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def dist_info() -> DistInfo:
-    return DistInfo(int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
-    """'auto' -> cuda > mps > cpu; under DDP each process takes cuda:LOCAL_RANK."""
-    dist = dist or DistInfo()
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise NucleisegError("params.yaml: device=cuda but no CUDA device is visible; use auto or cpu")
-        return torch.device("cuda", dist.local_rank)
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .errors import NucleisegError
-from .masks import Instance
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.masks import Instance
 
 log = logging.getLogger(__name__)
 

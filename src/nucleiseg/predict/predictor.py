@@ -11,14 +11,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import coco
-
-from .config import InferConfig
-from .data import read_rgb
-from .inference import detections_to_instances, predict_batch, to_tensor
-from .masks import Instance
-from .stitch import deduplicate, merge_windows
-from .tiling import Window, crop_window, windows
+from nucleiseg.core import coco
+from nucleiseg.core.config import InferConfig
+from nucleiseg.core.masks import Instance
+from nucleiseg.core.windows import Window, crop_window, windows
+from nucleiseg.data.layout import read_rgb
+from nucleiseg.predict.postprocess import (
+    detections_to_instances,
+    predict_batch,
+    to_tensor,
+)
+from nucleiseg.predict.stitch import deduplicate, merge_windows
 
 # Flips as (horizontal, vertical); TTA runs all four and merges them by mask NMS.
 TTA_FLIPS = [(False, False), (True, False), (False, True), (True, True)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .masks import Instance, bbox_xywh, from_rle, to_rle
+from nucleiseg.core.masks import Instance, bbox_xywh, from_rle, to_rle
 
 CATEGORY = {"id": 1, "name": "nucleus", "supercategory": "cell"}
 

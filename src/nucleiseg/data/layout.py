@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import NucleisegError
-from .io import read_json
-from .masks import Instance, from_full_mask
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.io import read_json
+from nucleiseg.core.masks import Instance, from_full_mask
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,6 @@
-"""Whole-image evaluation: COCO AP (the leaderboard's numbers) and nuclei metrics, plus overlays."""
+"""The evaluate stage's outputs: metrics/eval.json, PR and operating-point CSVs, overlays, and
+models/operating_point.json (read back by `nucleiseg predict`). Only the evaluate stage and the CLI
+reach this module, so editing it re-runs nothing upstream."""
 
 from __future__ import annotations
 
@@ -9,77 +11,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import coco
-from .config import EvaluateConfig
-from .data import Sample, load_train_sample, val_image_ids
-from .errors import NucleisegError
-from .io import atomic_path, read_json, write_json
-from .masks import Instance, paste
-from .metrics import coco_segm_metrics, match, score_sweep
-
-
-def operating_grid(floor: float, step: float = 0.025) -> list[float]:
-    """Candidate score thresholds: the inference floor, then every `step` up to 0.95."""
-    grid = [round(t, 4) for t in np.arange(0.0, 0.95 + 1e-9, step) if t > floor]
-    return [float(floor)] + grid
-
-
-@dataclass
-class Evaluation:
-    metrics: dict  # what metrics/eval.json holds for one split
-    pr_curve: list  # (recall, precision) at IoU 0.5 over all detections
-    sweep: list[dict]  # pooled metrics per candidate score threshold
-    predicted: dict[int, list[Instance]]  # the results decoded, per image id
-
-
-def val_records(samples: list[Sample]) -> list[coco.ImageRecord]:
-    """Ground truth of the val images, with the image ids of predictions/val.json."""
-    ids = val_image_ids([s.name for s in samples])
-    return [coco.ImageRecord(ids[s.name], f"{s.name}.png", *s.image.shape[:2], s.instances) for s in samples]
-
-
-DETECTION_KEYS = ("precision", "recall", "f1", "aji", "pq", "dq", "sq", "tp", "fp", "fn")
-
-
-def evaluate(records: list[coco.ImageRecord], results: list[dict], max_dets_all: int, operating_metric: str = "f1",
-             score_threshold: float | None = None, score_floor: float = 0.0) -> Evaluation:
-    """AP over every detection, and the detection metrics at an operating point.
-
-    AP (`ap50` as the leaderboard computes it, `ap50_all` uncapped, `ap`, `ap75`) needs
-    all detections. Precision/recall/F1/AJI/PQ are taken at the score threshold that
-    maximises `operating_metric` over the grid from `score_floor` (chosen here: use on
-    val only), or at `score_threshold` when given (test: the threshold val chose).
-    `f1_all_detections` is F1 over every detection, for comparison.
-    """
-    gt_doc = coco.ground_truth(records)
-    ap = coco_segm_metrics(gt_doc, results, max_dets_all)
-    predicted = coco.instances_by_image(results)
-    gt = [rec.instances for rec in records]
-    pred = [predicted.get(rec.id, []) for rec in records]
-    if score_threshold is None:
-        sweep = score_sweep(gt, pred, operating_grid(score_floor))
-        best = max(sweep, key=lambda row: (row[operating_metric], -row["score_threshold"]))
-    else:
-        sweep = score_sweep(gt, pred, [0.0, score_threshold])
-        best = sweep[1]
-    metrics = {k: float(ap[k]) for k in ("ap50", "ap50_all", "ap", "ap75")}
-    metrics["operating_metric"] = operating_metric
-    metrics["score_threshold"] = best["score_threshold"]
-    metrics.update({k: (int(best[k]) if k in ("tp", "fp", "fn") else float(best[k])) for k in DETECTION_KEYS})
-    metrics["f1_all_detections"] = float(sweep[0]["f1"])
-    if any(r.get("detector_score", r["score"]) != r["score"] for r in results):
-        # Does the mask-weighted ranking beat the raw detector score under the top-100 cap?
-        metrics["ap50_detector_score"] = float(coco_segm_metrics(gt_doc, rescored(results, "detector_score"), max_dets_all)["ap50"])
-    return Evaluation(metrics, ap["pr_curve"], sweep, predicted)
-
-
-def rescored(results: list[dict], key: str) -> list[dict]:
-    """The same results ranked by another score field (e.g. the raw detector score)."""
-    return [{**r, "score": r[key]} for r in results if key in r]
-
-
-def at_threshold(instances: list[Instance], score_threshold: float) -> list[Instance]:
-    return [inst for inst in instances if inst.score >= score_threshold]
+from nucleiseg.core import coco
+from nucleiseg.core.config import EvaluateConfig
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.io import atomic_path, read_json, write_json
+from nucleiseg.core.masks import Instance, paste
+from nucleiseg.data.layout import load_train_sample
+from nucleiseg.evaluate.evaluator import at_threshold, evaluate, val_records
+from nucleiseg.evaluate.metrics import match
+from nucleiseg.track.runs import active_run
 
 
 def outline(labels: np.ndarray) -> np.ndarray:
@@ -97,9 +37,6 @@ def overlay(image: np.ndarray, gt: list[Instance], pred: list[Instance]) -> np.n
     out[outline(paste(pred, height, width))] = (0, 230, 0)
     out[outline(paste(missed, height, width))] = (255, 0, 0)
     return out
-
-
-# ------------------------------------------------------------------------------------ the evaluate stage
 
 
 @dataclass
@@ -174,3 +111,22 @@ def load_operating_point(model_path: str | Path) -> float | None:
     if not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise NucleisegError(f"{path}: no valid score_threshold in it; run the evaluate stage again (dvc repro evaluate)")
     return float(value)
+
+
+def log_evaluation(run_id: str, metrics: dict, outputs, answer: Path | None = None) -> None:
+    """The evaluate stage's results, into the training run: val/ and test/ metrics (the operating
+    point as val/score_threshold), `operating_point.json` at the artifact root (what
+    `nucleiseg predict --model runs:/<id>/model` loads), curves, overlays and the answer file."""
+    import mlflow
+
+    def numbers(values: dict, prefix: str) -> dict:
+        return {f"{prefix}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    with active_run(run_id):
+        mlflow.log_metrics({**numbers(metrics, "val"), **numbers(metrics.get("test", {}), "test")})
+        mlflow.log_artifact(str(outputs.operating_point))
+        mlflow.log_artifact(str(outputs.pr_curve), artifact_path="plots")
+        mlflow.log_artifact(str(outputs.sweep), artifact_path="plots")
+        mlflow.log_artifacts(str(outputs.overlays), artifact_path="overlays")
+        if answer is not None and answer.is_file():
+            mlflow.log_artifact(str(answer), artifact_path="submission")

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import coco
-from .config import EvaluateConfig, InferConfig
-from .data import Sample
-from .evaluation import evaluate, val_records
-from .predictor import Predictor
+from nucleiseg.core import coco
+from nucleiseg.core.config import EvaluateConfig, InferConfig
+from nucleiseg.data.layout import Sample
+from nucleiseg.evaluate.evaluator import evaluate, val_records
+from nucleiseg.predict.predictor import Predictor
 
 
 @dataclass

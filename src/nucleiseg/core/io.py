@@ -180,7 +180,7 @@ def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
 def read_json(path: str | Path, missing: str = "not found; run the stage that makes it first (dvc repro)", fix: str = ""):
     """A JSON file's content; one error line naming the file when it is absent (`missing` says why it
     matters) or not JSON (`fix`, when given, says what to do)."""
-    from .errors import NucleisegError
+    from nucleiseg.core.errors import NucleisegError
 
     path = Path(path)
     if not path.is_file():

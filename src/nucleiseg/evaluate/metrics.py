@@ -26,7 +26,7 @@ from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 
-from .masks import Instance
+from nucleiseg.core.masks import Instance
 
 LEADERBOARD_MAX_DETS = 100
 

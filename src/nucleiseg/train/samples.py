@@ -18,7 +18,6 @@ its epoch, so persistent loader workers need no state from the main process.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +26,9 @@ import torch
 from scipy import ndimage
 from torchvision.transforms.v2 import functional as TF
 
-from .config import AugmentConfig
-from .tiles import read_index, read_window
-from .tiling import PAD_VALUE
+from nucleiseg.core.config import AugmentConfig
+from nucleiseg.core.windows import PAD_VALUE
+from nucleiseg.data.tile_store import read_index, read_window
 
 MIN_MASK_PIXELS = 4  # crops can leave slivers of a nucleus: too small to learn from
 
@@ -242,15 +241,6 @@ class EpochBatches(torch.utils.data.Sampler):
             keys = [(epoch, index) for index in self.sampler.indices(epoch)]
             for start in range(0, len(keys), self.batch_size):
                 yield keys[start : start + self.batch_size]
-
-
-def default_workers() -> int:
-    """The cores this process may use, minus one for the training loop, at most 12."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(0, min(cores - 1, 12))
 
 
 def collate(batch):

@@ -8,9 +8,9 @@ import json
 import zipfile
 from pathlib import Path
 
-from .coco import CATEGORY
-from .data import TestImage
-from .errors import NucleisegError
+from nucleiseg.core.coco import CATEGORY
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.data.layout import TestImage
 
 ANSWER_KEYS = ("image_id", "bbox", "score", "category_id", "segmentation")
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import NucleisegError
-from .masks import Instance
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.masks import Instance
 
 # Padding colour of windows that are larger than the image: white, like glass in H&E.
 PAD_VALUE = 255

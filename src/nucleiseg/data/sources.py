@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import NucleisegError
+from nucleiseg.core.errors import NucleisegError
 
 _DRIVE_URL_ID = re.compile(r"(?:/d/|[?&]id=)([A-Za-z0-9_-]{10,})")
 

@@ -18,7 +18,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, ResNet101_Weights
+from torchvision.models import (
+    ResNet18_Weights,
+    ResNet34_Weights,
+    ResNet50_Weights,
+    ResNet101_Weights,
+)
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection import mask_rcnn as tv_mask_rcnn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -26,11 +31,14 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.models.detection.transform import (
+    GeneralizedRCNNTransform,
+    resize_boxes,
+)
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .config import ModelConfig, model_config_from_dict
-from .errors import NucleisegError
+from nucleiseg.core.config import ModelConfig, model_config_from_dict
+from nucleiseg.core.errors import NucleisegError
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import tracking
-from .errors import NucleisegError
-from .io import atomic_path
-from .sources import describe_source
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.io import atomic_path
+from nucleiseg.data.sources import describe_source
+from nucleiseg.track import runs as tracking
 
 # The homework's Mask R-CNN baselines on the CodaLab leaderboard (AP50, top-100 detections per image).
 BASELINES = {"R50": 0.206, "R101": 0.142}

@@ -25,11 +25,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .data import Sample, load_train_sample
-from .errors import NucleisegError
-from .io import read_json
-from .masks import Instance
-from .tiling import crop_window, window_instances, windows
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.io import read_json
+from nucleiseg.core.masks import Instance
+from nucleiseg.core.windows import crop_window, window_instances, windows
+from nucleiseg.data.layout import Sample, load_train_sample
 
 log = logging.getLogger(__name__)
 

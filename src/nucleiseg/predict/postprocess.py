@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
-from .masks import Instance
+from nucleiseg.core.masks import Instance
 
 SCORE_MODES = ("detector", "mask_weighted")
 
@@ -72,7 +72,7 @@ def detections_to_instances(
 @torch.inference_mode()
 def predict_batch(model, images: list[torch.Tensor], device, score_threshold: float | None = None) -> list[dict]:
     """Model outputs (raw masks, on CPU) for a batch of 3 x H x W float images."""
-    from .model import raw_mask_outputs
+    from nucleiseg.model.maskrcnn import raw_mask_outputs
 
     with raw_mask_outputs(model, score_threshold):
         outputs = model([img.to(device, non_blocking=True) for img in images])

@@ -38,9 +38,9 @@ try:
 except ImportError:  # Windows: no flock; first use is then unguarded, as in plain MLflow
     fcntl = None
 
-from .errors import NucleisegError
-from .io import repo_root
-from .sources import describe_source
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.io import repo_root
+from nucleiseg.data.sources import describe_source
 
 log = logging.getLogger(__name__)
 
@@ -407,22 +407,3 @@ def log_model(model, name: str = "model") -> None:
         mlflow.pytorch.log_model(model.cpu(), name=name, serialization_format="pickle", pip_requirements=pip_requirements())
     finally:
         mlflow_log.removeFilter(quiet)
-
-
-def log_evaluation(run_id: str, metrics: dict, outputs, answer: Path | None = None) -> None:
-    """The evaluate stage's results, into the training run: val/ and test/ metrics (the operating
-    point as val/score_threshold), `operating_point.json` at the artifact root (what
-    `nucleiseg predict --model runs:/<id>/model` loads), curves, overlays and the answer file."""
-    import mlflow
-
-    def numbers(values: dict, prefix: str) -> dict:
-        return {f"{prefix}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-    with active_run(run_id):
-        mlflow.log_metrics({**numbers(metrics, "val"), **numbers(metrics.get("test", {}), "test")})
-        mlflow.log_artifact(str(outputs.operating_point))
-        mlflow.log_artifact(str(outputs.pr_curve), artifact_path="plots")
-        mlflow.log_artifact(str(outputs.sweep), artifact_path="plots")
-        mlflow.log_artifacts(str(outputs.overlays), artifact_path="overlays")
-        if answer is not None and answer.is_file():
-            mlflow.log_artifact(str(answer), artifact_path="submission")

@@ -22,9 +22,9 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from .errors import NucleisegError
-from .sources import describe_source, drive_file_id  # noqa: F401 (part of this module's API)
-from .io import atomic_path
+from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.io import atomic_path
+from nucleiseg.data.sources import describe_source, drive_file_id  # noqa: F401 (part of this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +147,12 @@ def _member_problem(info: zipfile.ZipInfo) -> str | None:
     if info.file_size > MAX_MEMBER_BYTES:
         return (
             f"unpacks to {_size(info.file_size)}, over the {_size(MAX_MEMBER_BYTES)} limit per file "
-            "(nucleiseg.download.MAX_MEMBER_BYTES); refusing a possible zip bomb"
+            "(nucleiseg.data.download.MAX_MEMBER_BYTES); refusing a possible zip bomb"
         )
     if info.file_size >= RATIO_MIN_BYTES and info.file_size > MAX_RATIO * max(info.compress_size, 1):
         return (
             f"unpacks {_size(info.compress_size)} to {_size(info.file_size)}, more than {MAX_RATIO}:1 "
-            "(nucleiseg.download.MAX_RATIO); refusing a possible zip bomb"
+            "(nucleiseg.data.download.MAX_RATIO); refusing a possible zip bomb"
         )
     return None
 
@@ -161,7 +161,7 @@ def _check_members(infos: list[zipfile.ZipInfo], where: str) -> None:
     if not infos:
         raise NucleisegError(f"{where}: the zip is empty; expected train/, test/ and test_img_ids.json (optionally inside dataset/)")
     if len(infos) > MAX_MEMBERS:
-        raise NucleisegError(f"{where}: {len(infos)} members, over the limit of {MAX_MEMBERS} (nucleiseg.download.MAX_MEMBERS); refusing this archive")
+        raise NucleisegError(f"{where}: {len(infos)} members, over the limit of {MAX_MEMBERS} (nucleiseg.data.download.MAX_MEMBERS); refusing this archive")
     total = 0
     for info in infos:
         problem = _member_problem(info)
@@ -171,7 +171,7 @@ def _check_members(infos: list[zipfile.ZipInfo], where: str) -> None:
     if total > MAX_TOTAL_BYTES:
         raise NucleisegError(
             f"{where}: unpacks to {_size(total)} in all, over the {_size(MAX_TOTAL_BYTES)} limit "
-            "(nucleiseg.download.MAX_TOTAL_BYTES); refusing a possible zip bomb"
+            "(nucleiseg.data.download.MAX_TOTAL_BYTES); refusing a possible zip bomb"
         )
 
 
@@ -190,7 +190,7 @@ def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, tota
             if total > MAX_TOTAL_BYTES:
                 raise NucleisegError(
                     f"{where}: member {info.filename!r} takes the unpacked size over the {_size(MAX_TOTAL_BYTES)} limit "
-                    "(nucleiseg.download.MAX_TOTAL_BYTES); refusing a possible zip bomb"
+                    "(nucleiseg.data.download.MAX_TOTAL_BYTES); refusing a possible zip bomb"
                 )
             dst.write(chunk)
     return total
@@ -312,7 +312,7 @@ def _relabel(exc: NucleisegError, root: Path, name_for) -> NucleisegError:
 
 def _validate(root: Path, name_for) -> int:
     """Check the layout (train ids, test index); messages name the source, not the temp copy."""
-    from .data import load_test_index, train_ids
+    from nucleiseg.data.layout import load_test_index, train_ids
 
     try:
         train_ids(root)
@@ -358,7 +358,7 @@ def fetch_dataset(source: str, out_dir: str | Path, sha256: str | None = None, s
         work = tmp.parent  # the locked temp folder: scratch space, removed afterwards
         try:
             if kind == "synthetic":
-                from .synthetic import generate_dataset
+                from nucleiseg.data.synthetic import generate_dataset
 
                 root = generate_dataset(work / "synthetic" / "dataset", **(synthetic_options or {}))
                 n_test = _validate(root, lambda rel: f"synthetic dataset {rel}")
@@ -386,7 +386,7 @@ def fetch_dataset(source: str, out_dir: str | Path, sha256: str | None = None, s
             if str(work) in str(exc):  # a temp path the user cannot find: name the output instead
                 raise NucleisegError(str(exc).replace(str(work), f"{out_dir} (temp copy)")) from None
             raise
-    from .data import train_ids
+    from nucleiseg.data.layout import train_ids
 
     log.info("dataset ready in %s from %s (%d training images, %d test images)", out_dir, record["source"], len(train_ids(out_dir)), n_test)
     return out_dir

@@ -1,0 +1,1 @@
+"""Foundations every stage shares: errors, config, file IO, masks, window geometry, COCO records, runtime."""

@@ -1,0 +1,1 @@
+"""Scoring predictions: metrics, the evaluator (AP, operating point), the evaluate stage's outputs."""

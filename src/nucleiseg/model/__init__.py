@@ -1,0 +1,1 @@
+"""Mask R-CNN: building it from config and the model-file format."""

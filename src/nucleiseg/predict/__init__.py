@@ -1,0 +1,1 @@
+"""Whole-image prediction: windows, post-processing, stitching, the predictor."""

@@ -1,0 +1,1 @@
+"""MLflow: runs, artifacts and the report across runs."""

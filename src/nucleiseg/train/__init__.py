@@ -1,0 +1,1 @@
+"""Training: samples and augmentation, the loop, hooks, the train stage."""
