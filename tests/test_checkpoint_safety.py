@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from nucleiseg.core.errors import NucleisegError
-from nucleiseg.model.maskrcnn import build_model, load_trained, load_weights_file
+from nucleiseg.model.maskrcnn import (
+    MODEL_FILE_FORMAT,
+    build_model,
+    load_trained,
+    load_weights_file,
+    model_file,
+)
 from nucleiseg.train import loop as engine
 
 
@@ -50,8 +56,8 @@ def _trapped_files(folder: Path, cfg, state: dict) -> dict[str, tuple[Path, Path
         files[name] = (path, marker)
 
     config = dataclasses.asdict(cfg)
-    trap("model_file", lambda p: {"model": {**state, "evil": p}, "model_config": config, "best_epoch": 1})
-    trap("model_config", lambda p: {"model": state, "model_config": {**config, "anchor_sizes": p}})
+    trap("model_file", lambda p: {"format": MODEL_FILE_FORMAT, "model": {**state, "evil": p}, "model_config": config, "best_epoch": 1})
+    trap("model_config", lambda p: {"format": MODEL_FILE_FORMAT, "model": state, "model_config": {**config, "anchor_sizes": p}})
     trap("state_dict", lambda p: {**state, "evil": p})
     trap("checkpoint", lambda p: {"model": state, "optimizer": {}, "scheduler": {}, "epoch": 1, "history": [],
                                   "best": {"epoch": 1, "metric": 0.0, "loss": 1.0, "state": None}, "run": {"x": p}})
@@ -124,7 +130,7 @@ def _damaged(tmp_path: Path, good: Path) -> dict[str, Path]:
 @pytest.fixture
 def damaged(tmp_path, tiny_model_cfg):
     good = tmp_path / "good.pt"
-    torch.save({"model": STATE, "model_config": dataclasses.asdict(tiny_model_cfg)}, good)
+    torch.save(model_file(STATE, tiny_model_cfg, best_epoch=1), good)
     return _damaged(tmp_path, good)
 
 

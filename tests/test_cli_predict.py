@@ -25,6 +25,7 @@ from nucleiseg.core.config import ModelConfig
 from nucleiseg.core.errors import NucleisegError
 from nucleiseg.core.masks import Instance, from_rle, paste
 from nucleiseg.model.maskrcnn import build_model
+from nucleiseg.model.maskrcnn import model_file as model_file_dict
 from nucleiseg.predict.predictor import Predictor
 
 torch.set_num_threads(2)
@@ -45,7 +46,7 @@ def save_model(path: Path, backbone: str = "resnet18", config_backbone: str | No
     cfg = ModelConfig(backbone=backbone, weights="none", **SMALL)
     saved_cfg = dataclasses.replace(cfg, backbone=config_backbone or backbone)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": build_model(cfg).state_dict(), "model_config": dataclasses.asdict(saved_cfg)}, path)
+    torch.save(model_file_dict(build_model(cfg).state_dict(), saved_cfg, best_epoch=1), path)
     return path
 
 

@@ -15,7 +15,6 @@ from nucleiseg.model.maskrcnn import (
     WindowTransform,
     build_model,
     load_trained,
-    raw_mask_outputs,
 )
 from nucleiseg.predict.postprocess import detections_to_instances
 
@@ -125,11 +124,6 @@ def test_nuclei_settings(r18, small_cfg):
     if boxes.numel():
         assert boxes.min() >= 0 and boxes[:, 2].max() <= 100 and boxes[:, 3].max() <= 100
 
-    # min_size set: resizing is back on.
-    resized = build_model(small_cfg("resnet18", min_size=200, max_size=400)).eval()
-    images, _ = resized.transform([image])
-    assert images.image_sizes == [(200, 200)]
-
 
 def test_anchor_sizes_need_five_levels(small_cfg):
     with pytest.raises(NucleisegError, match="5 sizes"):
@@ -182,36 +176,32 @@ def test_weights_from_a_local_file(r18, tmp_path, wrapped, small_cfg):
         assert torch.equal(loaded[key], value), key
 
 
-def test_raw_mask_outputs_give_28x28_masks_and_instances_inside_the_image(small_cfg):
+def test_detect_gives_raw_masks_above_the_floor_like_a_detector_built_with_it(small_cfg):
+    """`detect(images, score_floor)` keeps exactly the boxes a detector with that threshold keeps (same NMS
+    and top-k), with raw M x M masks that paste inside the image, and leaves the model unchanged."""
     torch.manual_seed(0)
-    image = torch.rand(3, 80, 96)
-    model = build_model(small_cfg("resnet18", box_score_thresh=0.0, detections_per_img=5)).eval()
-    with torch.no_grad(), raw_mask_outputs(model) as same:
-        assert same is model
-        (out,) = model([image])
-    assert model.transform.paste_masks  # restored on exit
-    assert out["boxes"].shape[0] > 0
-    assert out["masks"].shape[1:] == (1, 28, 28)
-    instances = detections_to_instances(out, 80, 96, mask_threshold=0.3)
-    for inst in instances:
-        assert 0 <= inst.x0 < inst.x1 <= 96 and 0 <= inst.y0 < inst.y1 <= 80
-        assert inst.mask.any()
+    images = [torch.rand(3, 80, 96), torch.rand(3, 64, 64)]
+    model = build_model(small_cfg("resnet18", detections_per_img=50)).eval()
+    assert model.roi_heads.score_thresh == 0.0
     with torch.no_grad():
-        (pasted,) = model([image])
-    assert pasted["masks"].shape[1:] == (1, 80, 96)
-
-
-def test_raw_mask_outputs_sets_the_score_threshold_and_restores_it_after_an_error(small_cfg):
-    model = build_model(small_cfg("resnet18", box_score_thresh=0.05)).eval()
-    with raw_mask_outputs(model, score_threshold=0.4):
-        assert model.roi_heads.score_thresh == 0.4 and model.transform.paste_masks is False
-    assert model.roi_heads.score_thresh == 0.05 and model.transform.paste_masks is True
-    with pytest.raises(RuntimeError, match="boom"):
-        with raw_mask_outputs(model, score_threshold=0.9):
-            raise RuntimeError("boom")
-    assert model.roi_heads.score_thresh == 0.05 and model.transform.paste_masks is True
-    with raw_mask_outputs(model):  # no threshold given: the detector's own
-        assert model.roi_heads.score_thresh == 0.05
+        everything = model(images)
+    scores = torch.cat([out["scores"] for out in everything])
+    floor = float(scores.median())  # a floor that really drops detections
+    raw = model.detect(images, floor)
+    assert model.roi_heads.score_thresh == 0.0 and not model.training
+    model.roi_heads.score_thresh = floor
+    with torch.no_grad():
+        reference = model(images)
+    for out, ref, image in zip(raw, reference, images):
+        torch.testing.assert_close(out["boxes"], ref["boxes"])
+        torch.testing.assert_close(out["scores"], ref["scores"])
+        assert out["masks"].shape == (len(ref["boxes"]), 1, 28, 28)
+        height, width = image.shape[-2:]
+        for inst in detections_to_instances(out, height, width, mask_threshold=0.3):
+            assert 0 <= inst.x0 < inst.x1 <= width and 0 <= inst.y0 < inst.y1 <= height and inst.mask.any()
+    assert 0 < sum(len(out["boxes"]) for out in raw) < len(scores)
+    (nothing,) = model.detect(images[:1], 1.0)
+    assert nothing["boxes"].shape == (0, 4) and nothing["masks"].shape == (0, 1, 28, 28)
 
 
 def test_norm_choices(small_cfg):
@@ -226,14 +216,13 @@ def test_norm_choices(small_cfg):
 def test_input_scale_resizes_windows_and_maps_outputs_back(small_cfg):
     """input_scale 2: the backbone sees a 128 px window, boxes and masks come back in 64 px coordinates."""
     torch.manual_seed(0)
-    model = build_model(small_cfg("resnet18", input_scale=2.0, box_score_thresh=0.0, detections_per_img=5)).eval()
+    model = build_model(small_cfg("resnet18", input_scale=2.0, detections_per_img=5)).eval()
     image = torch.rand(3, 64, 64)
     images, _ = model.transform([image])
     assert images.image_sizes == [(128, 128)]
     with torch.no_grad():
         (out,) = model([image])
-        with raw_mask_outputs(model):
-            (raw,) = model([image])
+    (raw,) = model.detect([image], 0.0)
     assert out["boxes"].shape[0] > 0 and out["masks"].shape[-2:] == (64, 64)
     assert out["boxes"].max() <= 64 and raw["boxes"].max() <= 64
     torch.testing.assert_close(raw["boxes"], out["boxes"])
@@ -247,32 +236,28 @@ def test_input_scale_resizes_windows_and_maps_outputs_back(small_cfg):
 
 def test_trained_model_file_round_trips(r18, small_cfg, tmp_path):
     """load_trained: the train stage's file (weights + config) rebuilds the same network, in eval mode."""
-    cfg = small_cfg("resnet18")
     path = tmp_path / "model.pt"
-    torch.save({"model": r18.state_dict(), "model_config": dataclasses.asdict(cfg), "best_epoch": 3}, path)
+    torch.save(model_mod.model_file(r18.state_dict(), small_cfg("resnet18"), best_epoch=3), path)
     model, ckpt = load_trained(path)
-    assert not model.training and ckpt["best_epoch"] == 3
+    assert not model.training and ckpt["best_epoch"] == 3 and ckpt["format"] == model_mod.MODEL_FILE_FORMAT
     for key, value in r18.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     assert model.roi_heads.detections_per_img == DETECTIONS
 
 
 def test_model_file_keeps_the_resolved_norm(small_cfg, tmp_path):
-    """A model file names its norm, so it reloads the same layers; older files that say `auto` are read off
-    their weights (a trainable-BN model from before GroupNorm became auto's from-scratch choice)."""
+    """A model file names its norm (never `auto`), so it reloads the same layers whatever auto means later."""
     saved = model_mod.model_file({}, small_cfg("resnet18"), best_epoch=2)
     assert saved["model_config"]["norm"] == "groupnorm" and saved["best_epoch"] == 2
     torch.manual_seed(0)
-    bn = build_model(small_cfg("resnet18", norm="batchnorm"))
-    for norm, model in (("batchnorm", bn), ("frozen", build_model(small_cfg("resnet18", norm="frozen"))),
-                        ("groupnorm", build_model(small_cfg("resnet18")))):
+    for norm in ("batchnorm", "frozen", "groupnorm"):
+        model = build_model(small_cfg("resnet18", norm=norm))
         path = tmp_path / f"{norm}.pt"
-        torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(small_cfg("resnet18"))}, path)
+        torch.save(model_mod.model_file(model.state_dict(), small_cfg("resnet18", norm=norm), best_epoch=1), path)
         loaded, _ = load_trained(path)
         assert type(loaded.backbone.body.bn1) is type(model.backbone.body.bn1), norm
-    loaded, _ = load_trained(tmp_path / "batchnorm.pt")
-    for key, value in bn.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_trained_model_file_errors(r18, small_cfg, tmp_path):
@@ -282,13 +267,18 @@ def test_trained_model_file_errors(r18, small_cfg, tmp_path):
     torch.save(r18.state_dict(), bare)
     with pytest.raises(NucleisegError, match="model_config"):
         load_trained(bare)
+    # A file of the format before versions (no "format"): named, with the fix; no guessing from its weights.
+    old = tmp_path / "old.pt"
+    torch.save({"model": r18.state_dict(), "model_config": dataclasses.asdict(small_cfg()), "best_epoch": 1}, old)
+    with pytest.raises(NucleisegError, match=r"format 1, this version reads format 2; retrain it \(dvc repro -f train\)"):
+        load_trained(old)
     # A config another version wrote (unknown key) or weights that do not fit it: retrain.
     odd = tmp_path / "odd.pt"
-    torch.save({"model": r18.state_dict(), "model_config": {**dataclasses.asdict(small_cfg()), "anchors": 3}}, odd)
+    torch.save({**model_mod.model_file(r18.state_dict(), small_cfg(), 1), "model_config": {**dataclasses.asdict(small_cfg()), "anchors": 3}}, odd)
     with pytest.raises(NucleisegError, match="retrain"):
         load_trained(odd)
     other = tmp_path / "other.pt"
-    torch.save({"model": r18.state_dict(), "model_config": dataclasses.asdict(small_cfg("resnet34"))}, other)
+    torch.save(model_mod.model_file(r18.state_dict(), small_cfg("resnet34"), 1), other)
     with pytest.raises(NucleisegError, match="do not fit") as info:
         load_trained(other)
     assert "\n" not in str(info.value)

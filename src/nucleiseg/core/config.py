@@ -202,11 +202,8 @@ class ModelConfig:
     rpn_post_nms_top_n_test: int = param(3000, integer(1, 100_000))
     rpn_batch_size_per_image: int = param(256, integer(1, 100_000))
     box_batch_size_per_image: int = param(512, integer(1, 100_000))
-    box_score_thresh: float = param(0.05, number(0, 1, hi_open=True))
     box_nms_thresh: float = param(0.3, number(0, 1, lo_open=True))
     detections_per_img: int = param(1000, integer(1, 100_000))
-    min_size: int | None = param(None, integer(32, 10_000, optional=True))
-    max_size: int | None = param(None, integer(32, 10_000, optional=True))
     trainable_backbone_layers: int = param(5, integer(0, 5))
 
 

@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import socket
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -30,6 +29,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import (
     GeneralizedRCNNTransform,
@@ -64,7 +64,7 @@ WEIGHT_CHOICES = ("auto", "coco", "imagenet", "none")
 
 
 class WindowTransform(GeneralizedRCNNTransform):
-    """Normalises and batches like torchvision, but resizes only by `input_scale` (or min_size when set).
+    """Normalises and batches like torchvision, but resizes only by `input_scale`.
 
     torchvision's default rescales every input so its short side is 800 px: a 512 px
     window of 8-30 px nuclei would be blown up 1.6x in inference but not in training
@@ -72,16 +72,12 @@ class WindowTransform(GeneralizedRCNNTransform):
     in training and inference, and boxes are mapped back by `postprocess`.
     """
 
-    def __init__(self, *args, resize: bool, input_scale: float = 1.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.enable_resize = resize
+    def __init__(self, image_mean, image_std, input_scale: float = 1.0):
+        # min_size/max_size are torchvision's resize, which `resize` below replaces.
+        super().__init__(512, 100_000, image_mean, image_std)
         self.input_scale = float(input_scale)
-        # False while `raw_mask_outputs` is active: outputs keep the raw 28x28 mask probabilities.
-        self.paste_masks = True
 
     def resize(self, image, target=None):
-        if self.enable_resize:
-            return super().resize(image, target)
         if self.input_scale == 1.0:
             return image, target
         height, width = image.shape[-2:]
@@ -94,28 +90,45 @@ class WindowTransform(GeneralizedRCNNTransform):
                 target["masks"] = torch.nn.functional.interpolate(target["masks"][:, None].float(), size=size, mode="nearest")[:, 0].byte()
         return image, target
 
-    def postprocess(self, result, image_shapes, original_image_sizes):
-        if self.training or self.paste_masks:
-            return super().postprocess(result, image_shapes, original_image_sizes)
-        for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
-            pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
-        return result
 
+class NucleiMaskRCNN(MaskRCNN):
+    """torchvision's Mask R-CNN plus `detect`, the inference path the predictor uses.
 
-@contextmanager
-def raw_mask_outputs(model: MaskRCNN, score_threshold: float | None = None):
-    """While active, outputs keep 'masks' as N x 1 x 28 x 28 probabilities (pasted per box by
-    `inference.detections_to_instances`, not into N full-size maps) and, if given, the
-    detector keeps boxes above `score_threshold`. The model is restored afterwards."""
-    transform, heads = model.transform, model.roi_heads
-    previous = transform.paste_masks, heads.score_thresh
-    transform.paste_masks = False
-    if score_threshold is not None:
-        heads.score_thresh = score_threshold
-    try:
-        yield model
-    finally:
-        transform.paste_masks, heads.score_thresh = previous
+    The model is built with a box score threshold of 0: the detection floor is an argument of
+    `detect`, never state that callers must set and restore.
+    """
+
+    @torch.inference_mode()
+    def detect(self, images: list[torch.Tensor], score_floor: float) -> list[dict]:
+        """Raw detections per 3 x H x W float image: boxes (in the image's pixels), scores and labels of
+        the detections scored above `score_floor`, and `masks` as N x 1 x M x M probabilities, not
+        pasted into N full-size maps (`predict.postprocess.detections_to_instances` pastes each in its box).
+
+        Filtering after the box head's NMS and top-k keeps exactly what a detector built with
+        `score_floor` as its threshold keeps: a lower-scored box never suppresses a higher one.
+        """
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        batch, _ = self.transform(images)
+        features = self.backbone(batch.tensors)
+        proposals, _ = self.rpn(batch, features)
+        heads = self.roi_heads
+        box_features = heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
+        class_logits, box_regression = heads.box_predictor(box_features)
+        boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals, batch.image_sizes)
+        kept = [score > score_floor for score in scores]
+        boxes = [b[k] for b, k in zip(boxes, kept)]
+        scores = [s[k] for s, k in zip(scores, kept)]
+        labels = [lab[k] for lab, k in zip(labels, kept)]
+        if sum(len(b) for b in boxes):
+            mask_features = heads.mask_head(heads.mask_roi_pool(features, boxes, batch.image_sizes))
+            masks = maskrcnn_inference(heads.mask_predictor(mask_features), labels)
+        else:
+            size = heads.mask_roi_pool.output_size[0] * 2
+            masks = [torch.zeros((0, 1, size, size), device=batch.tensors.device) for _ in boxes]
+        return [
+            {"boxes": resize_boxes(b, scaled, original), "scores": s, "labels": lab, "masks": m}
+            for b, s, lab, m, scaled, original in zip(boxes, scores, labels, masks, batch.image_sizes, original_sizes)
+        ]
 
 
 def _resolve_weights(cfg: ModelConfig) -> tuple[object | None, object | None, Path | None]:
@@ -165,7 +178,7 @@ def _common_kwargs(cfg: ModelConfig) -> dict:
         rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
         rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
-        box_score_thresh=cfg.box_score_thresh,
+        box_score_thresh=0.0,  # the floor is `detect`'s argument
         box_nms_thresh=cfg.box_nms_thresh,
         box_detections_per_img=cfg.detections_per_img,
     )
@@ -183,12 +196,17 @@ def _set_anchors(model: MaskRCNN, cfg: ModelConfig) -> None:
         model.rpn.head = RPNHead(in_channels, num_anchors, conv_depth=conv_depth)
 
 
-def _set_transform(model: MaskRCNN, cfg: ModelConfig) -> None:
-    old = model.transform
-    resize = cfg.min_size is not None
-    model.transform = WindowTransform(
-        cfg.min_size or 512, cfg.max_size or 100_000, old.image_mean, old.image_std, resize=resize, input_scale=cfg.input_scale
+def _as_nuclei_model(model: MaskRCNN, cfg: ModelConfig) -> NucleiMaskRCNN:
+    """The same modules (and so the same weights and state-dict keys) in `NucleiMaskRCNN`, with
+    the window transform: torchvision's builders only make plain MaskRCNN objects."""
+    heads = model.roi_heads
+    out = NucleiMaskRCNN(
+        model.backbone, num_classes=None, rpn_anchor_generator=model.rpn.anchor_generator, rpn_head=model.rpn.head,
+        box_head=heads.box_head, box_predictor=heads.box_predictor, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor,
+        **_common_kwargs(cfg),
     )
+    out.transform = WindowTransform(model.transform.image_mean, model.transform.image_std, input_scale=cfg.input_scale)
+    return out
 
 
 def resolve_norm(cfg: ModelConfig) -> str:
@@ -218,7 +236,7 @@ def _norm_layer(norm: str):
     return lambda channels: torch.nn.GroupNorm(32, channels)
 
 
-def build_model(cfg: ModelConfig) -> MaskRCNN:
+def build_model(cfg: ModelConfig) -> NucleiMaskRCNN:
     """A 2-class Mask R-CNN for `cfg.backbone`, with weights per `cfg.weights`."""
     if cfg.backbone not in REGISTRY:
         raise NucleisegError(f"params.yaml: backbone={cfg.backbone!r} is unknown; choose one of {sorted(REGISTRY)}")
@@ -253,7 +271,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         mask_in = model.roi_heads.mask_predictor.conv5_mask.in_channels
         model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_in, 256, NUM_CLASSES)
     _set_anchors(model, cfg)
-    _set_transform(model, cfg)
+    model = _as_nuclei_model(model, cfg)
     if local_file is not None:
         load_weights_file(model, local_file)
     return model
@@ -300,22 +318,18 @@ def _state_mismatch(own: dict, state: dict) -> str | None:
     return f"unexpected {extra[0]}" if extra else None
 
 
+MODEL_FILE_FORMAT = 2  # 2: the norm stored resolved, no box_score_thresh/min_size/max_size in the config
+
+
 def model_file(state: dict, cfg: ModelConfig, best_epoch: int) -> dict:
     """What models/model.pt holds (read back by `load_trained`). Its config keeps the norm resolved,
     so that loading rebuilds the same layers whatever `auto` means then, and without downloading
     the weights training started from."""
     config = dataclasses.asdict(dataclasses.replace(cfg, norm=resolve_norm(cfg)))
-    return {"model": state, "model_config": config, "best_epoch": best_epoch}
+    return {"format": MODEL_FILE_FORMAT, "model": state, "model_config": config, "best_epoch": best_epoch}
 
 
-def _norm_of_state(state: dict) -> str:
-    """The norm of a model file written before files kept it resolved (norm `auto`)."""
-    if "backbone.body.bn1.num_batches_tracked" in state:
-        return "batchnorm"
-    return "frozen" if "backbone.body.bn1.running_mean" in state else "groupnorm"
-
-
-def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[MaskRCNN, dict]:
+def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[NucleiMaskRCNN, dict]:
     """The model saved by the train stage (weights + the config it was built with), in eval mode."""
     path = Path(path)
     if not path.is_file():
@@ -323,9 +337,10 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     ckpt = _load_tensors(path, "nucleiseg model file (models/model.pt)")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_config"), dict):
         raise NucleisegError(f"{path}: not a nucleiseg model file (needs a 'model' state dict and a 'model_config' mapping)")
+    if ckpt.get("format") != MODEL_FILE_FORMAT:
+        raise NucleisegError(f"{path}: model file format {ckpt.get('format', 1)}, this version reads format {MODEL_FILE_FORMAT}; "
+                             "retrain it (dvc repro -f train)")
     saved = ckpt["model_config"]
-    if saved.get("norm") == "auto":
-        saved = {**saved, "norm": _norm_of_state(ckpt["model"])}
     cfg = model_config_from_dict({**saved, "weights": "none"}, str(path))
     model = build_model(cfg)
     problem = _state_mismatch(model.state_dict(), ckpt["model"])

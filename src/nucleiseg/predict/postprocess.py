@@ -2,7 +2,7 @@
 
 torchvision pastes every 28x28 mask into a full-window probability map
 (N x H x W floats: ~1 GB for 1000 detections on a 512 window). Here the model
-returns the raw 28x28 masks (`model.raw_mask_outputs`) and each one is resized into its
+returns the raw 28x28 masks (`NucleiMaskRCNN.detect`) and each one is resized into its
 box, so memory grows with the nuclei, not with window area x detections.
 """
 
@@ -31,7 +31,7 @@ def detections_to_instances(
 ) -> list[Instance]:
     """Instances (cropped masks, image coordinates = window + offset) from one output dict.
 
-    `detection['masks']` are raw N x 1 x M x M probabilities (the model run under `model.raw_mask_outputs`).
+    `detection['masks']` are raw N x 1 x M x M probabilities (from `NucleiMaskRCNN.detect`).
     score_mode 'mask_weighted' multiplies the detector score by the mean mask
     probability inside the mask: confident, crisp masks rank first.
     """
@@ -69,13 +69,10 @@ def detections_to_instances(
     return out
 
 
-@torch.inference_mode()
-def predict_batch(model, images: list[torch.Tensor], device, score_threshold: float | None = None) -> list[dict]:
-    """Model outputs (raw masks, on CPU) for a batch of 3 x H x W float images."""
-    from nucleiseg.model.maskrcnn import raw_mask_outputs
-
-    with raw_mask_outputs(model, score_threshold):
-        outputs = model([img.to(device, non_blocking=True) for img in images])
+def predict_batch(model, images: list[torch.Tensor], device, score_floor: float) -> list[dict]:
+    """Raw detections (on CPU) for a batch of 3 x H x W float images; `model.detect` is the protocol
+    (`NucleiMaskRCNN.detect`: boxes, scores, labels, N x 1 x M x M mask probabilities)."""
+    outputs = model.detect([img.to(device, non_blocking=True) for img in images], score_floor)
     return [{k: v.cpu() for k, v in out.items()} for out in outputs]
 
 

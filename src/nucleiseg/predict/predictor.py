@@ -38,8 +38,8 @@ def _unflip(inst: Instance, hflip: bool, vflip: bool, size: int) -> Instance:
 
 
 class Predictor:
-    """Whole-image instances from a model in eval mode on `device`; the model is not changed
-    (the detector's score threshold is set only for the duration of each forward pass)."""
+    """Whole-image instances from a model in eval mode on `device`. The model is anything with
+    `detect(images, score_floor)` (`NucleiMaskRCNN`); infer.score_threshold is the floor passed to it."""
 
     def __init__(self, model: torch.nn.Module, cfg: InferConfig, device: torch.device | str = "cpu"):
         self.model = model
