@@ -1,7 +1,7 @@
 """Overhead of whole-image prediction over the bare model: Predictor.predict vs the forward passes alone.
 
 Both run the same windows with the same batch size; the ratio predict / forward should stay
-<= 1.10. The predict time is also split (hooks on the model) into the model's own time and
+<= 1.10. The predict time is also split (a timed `detect`) into the model's own time and
 everything else (to_tensor, mask pasting into boxes, scoring, ownership, de-duplication).
 
 An untrained model (default: params.yaml's model section, weights none) emits junk: up to
@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from nucleiseg.core.config import infer_config, load_params, model_config
+from nucleiseg.core.config import read_params
 from nucleiseg.core.windows import crop_window, windows
 from nucleiseg.data.synthetic import synth_image
 from nucleiseg.model.maskrcnn import build_model, load_trained
@@ -31,21 +31,21 @@ from nucleiseg.predict.postprocess import predict_batch, to_tensor
 from nucleiseg.predict.predictor import Predictor
 
 
-class ModelTimer:
-    """Wall time spent inside model.forward (hooks), and the number of detections it returned."""
+class TimedDetector:
+    """The model's `detect` (what Predictor calls), timed: wall and CPU seconds inside it and the
+    number of detections it returned."""
 
     def __init__(self, model):
-        self.seconds, self.cpu_seconds, self.detections, self._t, self._c = 0.0, 0.0, 0, None, None
-        model.register_forward_pre_hook(self._pre)
-        model.register_forward_hook(self._post)
+        self.model = model
+        self.seconds, self.cpu_seconds, self.detections = 0.0, 0.0, 0
 
-    def _pre(self, module, args):
-        self._t, self._c = time.perf_counter(), time.process_time()
-
-    def _post(self, module, args, output):
-        self.seconds += time.perf_counter() - self._t
-        self.cpu_seconds += time.process_time() - self._c
+    def detect(self, images, score_floor):
+        t, c = time.perf_counter(), time.process_time()
+        output = self.model.detect(images, score_floor)
+        self.seconds += time.perf_counter() - t
+        self.cpu_seconds += time.process_time() - c
         self.detections += sum(int(o["boxes"].shape[0]) for o in output)
+        return output
 
     def reset(self):
         self.seconds, self.cpu_seconds, self.detections = 0.0, 0.0, 0
@@ -64,19 +64,19 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    params = load_params(args.params)
-    icfg = infer_config(params)
+    params = read_params(args.params)
+    icfg = params.infer
     if args.model:
         model, ckpt = load_trained(args.model, args.device)
         described = f"trained {args.model} ({ckpt['model_config'].get('backbone')}, detections_per_img {ckpt['model_config'].get('detections_per_img')})"
     else:
-        mcfg = dataclasses.replace(model_config(params), weights="none", detections_per_img=args.detections)
+        mcfg = dataclasses.replace(params.model, weights="none", detections_per_img=args.detections)
         torch.manual_seed(0)
-        model = build_model(mcfg)
+        model = build_model(mcfg).eval()
         described = f"untrained {mcfg.backbone} (weights none, detections_per_img {mcfg.detections_per_img}, rpn_post_nms_top_n_test {mcfg.rpn_post_nms_top_n_test})"
     device = torch.device(args.device)
-    predictor = Predictor(model, icfg, device)
-    timer = ModelTimer(model)
+    timer = TimedDetector(model)
+    predictor = Predictor(timer, icfg, device)
 
     image, nuclei = synth_image(np.random.default_rng(0), args.size, args.size)
     tiles = windows(args.size, args.size, icfg.window, icfg.overlap)
@@ -88,13 +88,13 @@ def main(argv=None) -> int:
         t, c = time.perf_counter(), time.process_time()
         tensors = [to_tensor(crop_window(image, w)) for w in tiles]
         for start in range(0, len(tensors), icfg.batch_size):
-            predict_batch(model, tensors[start : start + icfg.batch_size], device)
+            predict_batch(timer, tensors[start : start + icfg.batch_size], device, icfg.score_threshold)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t, time.process_time() - c
 
     # warm-up with a full batch: the first batch of a shape pays for allocator growth and kernel selection
-    predict_batch(model, [to_tensor(crop_window(image, w)) for w in tiles[: icfg.batch_size]], device)
+    predict_batch(model, [to_tensor(crop_window(image, w)) for w in tiles[: icfg.batch_size]], device, icfg.score_threshold)
     fwd, pred, inside, fwd_cpu, pred_cpu, inside_cpu, n_inst, n_det = [], [], [], [], [], [], 0, 0
     for _ in range(args.repeats):
         timer.reset()

@@ -51,7 +51,7 @@ def run(raw: Path, size: int, overlap: int, max_dets_all: int, limit: int | None
         height, width = sample.image.shape[:2]
         gt = sample.instances
         per_window = stitch.instances_in_windows(gt, height, width, size, overlap)
-        merged = stitch.merge_windows(per_window, height, width, size, overlap)
+        merged = stitch.merge_windows(per_window)
         naive = stitch.cut_without_overlap(gt, height, width)
         gt_keys, merged_keys = Counter(map(_key, gt)), Counter(map(_key, merged))
         exact = sum((gt_keys & merged_keys).values())

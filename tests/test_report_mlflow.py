@@ -146,6 +146,7 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_mlflow_ui_serves_the_project_store(store):
     """The README's command, run in the repo root, shows both backbones' runs with params, metrics and artifacts."""
     ids = log_runs(True, store)

@@ -41,6 +41,7 @@ def env_for(root: Path) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_concurrent_first_use_of_a_new_store(tmp_path):
     """Processes that all find no store create it once; every run lands (issue 11)."""
     workers = 3
@@ -103,6 +104,7 @@ def snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_artifacts_follow_a_copied_repository(tmp_path):
     """A repo copied to B logs into B/mlruns/artifacts, for new runs and for reopened old ones (issue 12)."""
     repo_a, repo_b = tmp_path / "a", tmp_path / "b"

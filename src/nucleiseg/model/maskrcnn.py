@@ -107,6 +107,8 @@ class NucleiMaskRCNN(MaskRCNN):
         Filtering after the box head's NMS and top-k keeps exactly what a detector built with
         `score_floor` as its threshold keeps: a lower-scored box never suppresses a higher one.
         """
+        if self.training:
+            raise RuntimeError("NucleiMaskRCNN.detect needs eval mode: call model.eval() first")
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         batch, _ = self.transform(images)
         features = self.backbone(batch.tensors)
