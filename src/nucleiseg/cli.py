@@ -28,6 +28,7 @@ into --out at the end, so a failure (one `error:` line, exit 2) leaves --out as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nucleiseg.core.errors import NucleisegError, main_guard
+from nucleiseg.core.errors import NucleisegError, main_guard, os_error_text
 
 log = logging.getLogger("nucleiseg")
 
@@ -95,14 +96,33 @@ def collect_images(inputs: list[str]) -> list[Path]:
     return out
 
 
-def check_readable(images: list[Path]) -> list[tuple[int, int]]:
+def check_out(out_dir: Path, images: list[Path]) -> None:
+    """--out is a folder (or will be one) that holds no input and can be written to.
+
+    Outputs in a folder of inputs could overwrite one (slide.png's overlay is slide_overlay.png)
+    and would be read back as inputs by the next run on that folder.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NucleisegError(f"--out {out_dir}: exists and is not a folder")
+    out = out_dir.resolve()
+    inside = [str(p) for p in images if p.resolve().parent == out]
+    if inside:
+        more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+        raise NucleisegError(f"--out {out_dir} holds input images ({', '.join(inside[:3])}{more}): outputs could overwrite them "
+                             "and be read as inputs next time; choose an --out folder that holds no input")
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NucleisegError(f"--out {out_dir}: {existing} is not writable for this user; choose a folder you can write to")
+
+
+def check_readable(images: list[Path], max_megapixels: float | None = None) -> list[tuple[int, int]]:
     """(height, width) of every image, each decoded once; any unreadable one -> one NucleisegError naming them all."""
     from nucleiseg.data.layout import read_rgb
 
     sizes, bad = [], []
     for path in images:
         try:
-            sizes.append(read_rgb(path).shape[:2])
+            sizes.append(read_rgb(path, max_megapixels).shape[:2])
         except NucleisegError as exc:
             bad.append(_one_line(exc) if str(path) in str(exc) else f"{path}: {_one_line(exc)}")
         except (OSError, ValueError, MemoryError) as exc:
@@ -293,13 +313,16 @@ def write_image_outputs(folder: Path, stem: str, image: np.ndarray, instances) -
 def predict_command(args) -> int:
     # Everything that can be checked without torch first: settings, inputs, the model file.
     settings = infer_settings(args)
+    if args.max_megapixels is not None and not args.max_megapixels > 0:
+        raise NucleisegError(f"--max-megapixels {args.max_megapixels} is not allowed; expected a number > 0 (inf: no limit)")
     images = collect_images(args.inputs)
     if not is_mlflow_uri(args.model) and not Path(args.model).is_file():
+        if Path(args.model).is_dir():
+            raise NucleisegError(f"--model {args.model}: a folder; pass the model file itself (the train stage writes models/model.pt)")
         raise NucleisegError(f"{args.model}: no trained model; run the train stage first (dvc repro train) or pass --model")
     out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NucleisegError(f"--out {out_dir}: exists and is not a folder")
-    check_readable(images)
+    check_out(out_dir, images)
+    check_readable(images, args.max_megapixels)
 
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -329,12 +352,12 @@ def predict_command(args) -> int:
     n_labelled = 0
     # The whole output is built in atomic_path's locked temp folder next to images.json and moved into
     # --out only after the last image: a failure or Ctrl-C leaves --out as it was.
-    with atomic_path(out_dir / "images.json") as index_tmp, logging_redirect_tqdm():
+    with _write_errors(out_dir), atomic_path(out_dir / "images.json") as index_tmp, logging_redirect_tqdm():
         stage = index_tmp.parent
         names: list[str] = []
         for image_id, path in enumerate(tqdm(images, desc="predict", unit="image", disable=None), start=1):
             try:
-                image = read_rgb(path)
+                image = read_rgb(path, args.max_megapixels)
                 height, width = image.shape[:2]
                 # Stable, the order of coco.results: label k <-> the image's k-th entry in predictions.json.
                 instances = sorted(predictor.predict(image), key=lambda inst: -inst.score)
@@ -343,6 +366,8 @@ def predict_command(args) -> int:
             except NucleisegError as exc:
                 message = _one_line(exc)
                 raise NucleisegError((message if str(path) in message else f"{path}: {message}") + "; nothing was written") from None
+            except OSError:  # writing this image's outputs: _write_errors says so
+                raise
             except Exception as exc:
                 log.debug("%s: traceback", path, exc_info=True)  # shown with -v
                 raise NucleisegError(f"{path}: {type(exc).__name__}: {_one_line(exc)[:300]}; nothing was written (-v shows the traceback)") from None
@@ -364,6 +389,16 @@ def predict_command(args) -> int:
     log.info("%d image(s): %d detection(s) in predictions.json, %d in the label maps (score >= %g) -> %s",
              len(records), len(results), n_labelled, threshold, out_dir)
     return 0
+
+
+@contextlib.contextmanager
+def _write_errors(out_dir: Path):
+    """An OS error while the outputs are written (disk full, permissions) as one line; atomic_path,
+    entered after this, has removed its temp folder by then."""
+    try:
+        yield
+    except OSError as exc:
+        raise NucleisegError(f"--out {out_dir}: cannot write the outputs ({os_error_text(exc)}); nothing was written") from None
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -397,6 +432,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nucleiseg.data.layout import DEFAULT_MAX_MEGAPIXELS, MAX_MEGAPIXELS_ENV
+
     parser = _Parser(prog="nucleiseg", description="Nuclei instance segmentation with Mask R-CNN.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -421,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation")
     p.add_argument("--whole-image", action=argparse.BooleanOptionalAction, default=None, help="one pass per image, no windows")
     p.add_argument("--device", help="auto | cpu | cuda | mps (default: params.yaml's device, else auto)")
+    p.add_argument("--max-megapixels", type=float,
+                   help=f"refuse larger images, read from their header before decoding (default: ${MAX_MEGAPIXELS_ENV}, else "
+                        f"{DEFAULT_MAX_MEGAPIXELS:g}); raise it for whole-slide images, inf for no limit")
     p.set_defaults(func=predict_command, params_given=False)
 
     r = sub.add_parser("report", help="Markdown table of the MLflow runs (reports/results.md)")
@@ -429,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@main_guard
+@main_guard(interrupted="interrupted; nothing was written (outputs appear only when complete)")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:

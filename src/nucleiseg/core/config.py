@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.errors import NucleisegError, os_error_text
 
 DRIVE_SOURCE = "gdrive:1nEJ7NTtHcCHNQqUXaoPk55VH3Uwh4QGG"
 BACKBONES = ("resnet50", "resnet50_v2", "resnet101", "resnet34", "resnet18")
@@ -288,16 +289,29 @@ class Params:
 
 # ------------------------------------------------------------------------------------ building
 
+# What a message quotes of a value: params.yaml may hold anything (a 1,000,000-item list,
+# an alias that expands to gigabytes), and a message stays one short line.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxdict, _QUOTE.maxtuple, _QUOTE.maxstring, _QUOTE.maxother = 2, 4, 4, 4, 60, 60
+QUOTE_CHARS = 80
+
+
+def quote(value) -> str:
+    """repr(value), cut short."""
+    text = _QUOTE.repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
+
 
 def _build(cls, values, where: str, source: str):
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise NucleisegError(f"{source}: '{where}' must be a mapping of keys, got {values!r}")
+        raise NucleisegError(f"{source}: '{where}' must be a mapping of keys, got {quote(values)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted((k for k in values if k not in fields), key=str)  # YAML keys may be numbers, null, ...
     if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        name = str(unknown[0])[:QUOTE_CHARS]
+        key = f"{where}.{name}" if where else name
         raise NucleisegError(f"{source}: unknown key '{key}'; known under '{where or 'top level'}': {', '.join(fields)}")
     kwargs = {}
     for name, value in values.items():
@@ -309,7 +323,7 @@ def _build(cls, values, where: str, source: str):
         try:
             kwargs[name] = f.metadata["check"](value)
         except ValueError as exc:
-            raise NucleisegError(f"{source}: {key} = {value!r} is not allowed; expected {exc}") from None
+            raise NucleisegError(f"{source}: {key} = {quote(value)} is not allowed; expected {exc}") from None
     return cls(**kwargs)
 
 
@@ -344,18 +358,93 @@ def params_from_dict(values: dict, source: str = "params.yaml") -> Params:
     return params
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping, as DVC does (PyYAML keeps the last).
+
+    Pure Python on purpose: libyaml's composer (CSafeLoader) recurses in C and crashes the
+    process (SIGSEGV) on a few hundred KB of nested brackets, where Python's raises RecursionError.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        first_at = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may repeat keys on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = first_at.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: the base class refuses it
+                continue
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {quote(key)} given twice (first at line {first.line + 1}); keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+# The project's params.yaml holds about 100 values in 5 KB. Larger files are refused before
+# parsing: PyYAML takes seconds and 400 MB for a 3 MB list. YAML aliases count as often as they expand.
+MAX_PARAMS_BYTES = 32_000
+MAX_PARAMS_VALUES = 10_000
+
+
+def _more_values_than(values, limit: int) -> bool:
+    """Whether `values`, aliases expanded, holds more than `limit` values; stops counting there
+    (an alias bomb expands to billions, and a self-referencing alias never ends)."""
+    stack, count = [values], 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """': reason', or ' at line L, column C: reason' (PyYAML's str() spreads them over several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else f": {problem}"
+
+
 def read_params(path: str | Path = "params.yaml") -> Params:
-    """params.yaml, parsed and checked; the one place stages read their configuration."""
+    """params.yaml, parsed and checked; the one place stages read their configuration.
+
+    Read as strictly as DVC reads it: UTF-8, no key twice, not empty; besides, the file and its
+    aliases expanded have a size limit, and messages quote values cut short.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise NucleisegError(f"{path}: a folder, not the params file; run from the repository root (where dvc.yaml and params.yaml are)")
     if not path.is_file():
         raise NucleisegError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
     try:
-        values = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_PARAMS_BYTES:
+            raise NucleisegError(f"{path}: {path.stat().st_size / 1e3:.0f} KB, more than a params file can be "
+                                 f"({MAX_PARAMS_BYTES / 1e3:.0f} KB; the project's is 5 KB)")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NucleisegError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise NucleisegError(f"cannot read the params file: {os_error_text(exc)}") from None
+    try:
+        values = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
-        raise NucleisegError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if values is not None and not isinstance(values, dict):
-        raise NucleisegError(f"{path}: expected a mapping of sections (backbone, seed, data, tile, model, train, infer, evaluate)")
-    return params_from_dict(values or {}, str(path))
+        raise NucleisegError(f"{path}: not valid YAML{_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise NucleisegError(f"{path}: not valid YAML: nested too deeply") from None
+    sections = "backbone, seed, data, tile, model, train, infer, evaluate"
+    if values is None:
+        raise NucleisegError(f"{path}: holds no settings; it needs the sections {sections} (git checkout {path.name} restores the project's)")
+    if not isinstance(values, dict):
+        raise NucleisegError(f"{path}: expected a mapping of sections ({sections})")
+    if _more_values_than(values, MAX_PARAMS_VALUES):
+        raise NucleisegError(f"{path}: holds more than {MAX_PARAMS_VALUES} values (YAML aliases counted as often as they expand); "
+                             "the project's params.yaml holds about 100")
+    return params_from_dict(values, str(path))
 
 
 def model_config_from_dict(values: dict, source: str) -> ModelConfig:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from nucleiseg.core.errors import NucleisegError
 from nucleiseg.core.io import read_json
@@ -27,6 +29,16 @@ from nucleiseg.core.masks import Instance, from_full_mask
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+# Images are refused above this size, read from the file's header before anything is decoded:
+# a PNG of zeros 30000 px on a side is 875 KB on disk and 2.7 GB decoded. The homework's images
+# are 1 Mpx; whole-slide images need the limit raised (`nucleiseg predict --max-megapixels`, or
+# this environment variable for the stages).
+MAX_MEGAPIXELS_ENV = "NUCLEISEG_MAX_MEGAPIXELS"
+DEFAULT_MAX_MEGAPIXELS = 64.0
+# PIL's own bomb check warns above 89 Mpx and raises (a traceback) above 179 Mpx, before the
+# size can be read; the check above replaces it, with the limit the user set.
+Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclass
@@ -62,29 +74,99 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return np.clip(array.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _read_array(path: Path) -> np.ndarray:
+def megapixel_limit(value: float | None = None) -> float:
+    """The image size limit: `value` when given, else $NUCLEISEG_MAX_MEGAPIXELS, else the default."""
+    if value is None:
+        text = os.environ.get(MAX_MEGAPIXELS_ENV)
+        if not text:
+            return DEFAULT_MAX_MEGAPIXELS
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not value > 0:
+            raise NucleisegError(f"{MAX_MEGAPIXELS_ENV}={text[:40]!r}: not a number of megapixels > 0 (inf: no limit); "
+                                 f"e.g. {MAX_MEGAPIXELS_ENV}=400")
+    return value
+
+
+def _check_size(path: Path, width: int, height: int, frames: int, limit: float) -> None:
+    megapixels = width * height * frames / 1e6
+    if megapixels > limit:
+        pages = f" x {frames} pages" if frames > 1 else ""
+        raise NucleisegError(f"{path}: {width} x {height} pixels{pages} ({megapixels:.3g} Mpx), more than the limit of {limit:g} Mpx; "
+                             f"for a whole-slide image raise it (nucleiseg predict --max-megapixels N, or {MAX_MEGAPIXELS_ENV}=N "
+                             "for the pipeline's stages)")
+
+
+# EXIF/TIFF orientation (tag 274) -> how to turn the stored rows and columns upright (as PIL's exif_transpose).
+_ORIENTATIONS = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+ORIENTATION_TAG = 274
+
+
+def upright(array: np.ndarray, orientation) -> np.ndarray:
+    """An H x W (x C) array as its orientation tag says it is to be shown (a tag that is no orientation: as stored)."""
+    turn = _ORIENTATIONS.get(orientation) if isinstance(orientation, int) else None
+    return np.ascontiguousarray(turn(array)) if turn else array
+
+
+def _read_tiff(path: Path, limit: float) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        sizes = dict(zip(series.axes, series.shape))
+        height, width = sizes.get("Y", 1), sizes.get("X", 1)
+        # Everything that is not a colour channel multiplies the decoded size (pages, planes, ...).
+        frames = math.prod(n for axis, n in sizes.items() if axis not in "YXSC")
+        _check_size(path, width, height, frames, limit)
+        array = np.asarray(series.asarray())
+        orientation = tif.pages[0].tags.get(ORIENTATION_TAG)
+    if orientation is None or series.axes not in ("YX", "YXS"):
+        return array
+    return upright(array, orientation.value)
+
+
+def read_array(path: Path, max_megapixels: float | None = None) -> np.ndarray:
+    """The pixels of a PNG/TIFF/JPEG as stored (any dtype), upright; images over `max_megapixels`
+    (default: `megapixel_limit()`) are refused from their header, before decoding."""
+    limit = megapixel_limit(max_megapixels)
     if not path.is_file():
-        raise NucleisegError(f"{path}: file not found")
+        raise NucleisegError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            return np.asarray(tifffile.imread(path))
+            return _read_tiff(path, limit)
         with Image.open(path) as img:
+            _check_size(path, *img.size, 1, limit)
             img.load()
+            orientation = img.getexif().get(ORIENTATION_TAG)
             if img.mode == "P":
                 img = img.convert("RGBA" if "transparency" in img.info else "RGB")
             elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
                 img = img.convert("RGB")
-            return np.asarray(img)
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
-        raise NucleisegError(f"{path}: unreadable or truncated image ({exc}); replace the file") from None
+            return upright(np.asarray(img), orientation)
+    except NucleisegError:
+        raise
+    except FileNotFoundError:
+        raise NucleisegError(f"{path}: removed while it was being read; restore it and run again") from None
+    except Exception as exc:  # a damaged or crafted file: PIL and tifffile raise all kinds (OSError, struct.error, IndexError, ...)
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise NucleisegError(f"{path}: unreadable or truncated image ({detail}); replace the file") from None
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Any PNG/TIFF/JPEG (RGB, RGBA, gray, 16-bit) as H x W x 3 uint8."""
+def read_rgb(path: str | Path, max_megapixels: float | None = None) -> np.ndarray:
+    """Any PNG/TIFF/JPEG (RGB, RGBA, gray, 16-bit) as H x W x 3 uint8, upright (EXIF orientation);
+    size-limited as `read_array`."""
     path = Path(path)
-    array = _read_array(path)
+    array = read_array(path, max_megapixels)
     if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[2] not in (3, 4):
         array = np.moveaxis(array, 0, -1)  # channel-first TIFF
     if array.ndim == 2:
@@ -101,9 +183,9 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """A binary mask: 0/255, 0/1 or anti-aliased (thresholded at half the range)."""
+    """A binary mask: 0/255, 0/1 or anti-aliased (thresholded at half the range); as read_rgb, upright and size-limited."""
     path = Path(path)
-    array = _read_array(path)
+    array = read_array(path)
     if array.ndim == 3:
         array = array[..., 0]
     if array.dtype == bool:

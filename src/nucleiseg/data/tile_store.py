@@ -29,7 +29,7 @@ from nucleiseg.core.errors import NucleisegError
 from nucleiseg.core.io import read_json
 from nucleiseg.core.masks import Instance
 from nucleiseg.core.windows import crop_window, window_instances, windows
-from nucleiseg.data.layout import Sample, load_train_sample
+from nucleiseg.data.layout import Sample, load_train_sample, read_array, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,11 @@ def read_index(tiles_dir: str | Path, split: str) -> list[WindowEntry]:
 
 def read_window(split_dir: Path, entry: WindowEntry) -> tuple[np.ndarray, np.ndarray]:
     """(H x W x 3 uint8 pixels, L x H x W uint16 labels) of one window."""
-    image = np.array(Image.open(split_dir / entry.image).convert("RGB"))
-    labels = np.stack([np.asarray(Image.open(split_dir / name), dtype=np.uint16) for name in entry.labels])
+    try:
+        image = np.array(read_rgb(split_dir / entry.image))  # writable, as torch.from_numpy wants it (PIL's buffer is not)
+        labels = np.stack([read_array(split_dir / name).astype(np.uint16, copy=False) for name in entry.labels])
+    except NucleisegError as exc:  # e.g. data/tiles removed or re-tiled while the train stage reads it
+        raise NucleisegError(f"{exc}; did {split_dir.parent} change after the tile stage wrote it? run it again (dvc repro -f tile)") from None
     return image, labels
 
 

@@ -285,7 +285,9 @@ def _load_tensors(path: Path, what: str):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc) and "not an allowed global" not in str(exc):
-            raise NucleisegError(f"{path}: cannot load ({str(exc).splitlines()[0] if str(exc) else 'unpickling failed'}); is it a {what}?") from None
+            # torch's text here advises weights_only=False, the one thing never to do with a file of unknown origin.
+            raise NucleisegError(f"{path}: cannot load it: not a file of tensors that torch.load can read (damaged, or another "
+                                 f"kind of file); use a {what}") from None
         raise NucleisegError(f"{path}: refused: the file holds Python objects besides tensors and plain data, and loading it could run code; "
                              f"use a {what} written by nucleiseg (or a plain state dict)") from None
     except Exception as exc:

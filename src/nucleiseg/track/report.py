@@ -162,7 +162,7 @@ def write_report(out: str | Path = Path("reports/results.md"), experiment: str =
     rows = collect_runs(experiment)
     if not rows:
         raise NucleisegError(
-            f"no finished run with val/ap50 in MLflow experiment '{experiment}' ({tracking.tracking_uri()}); "
+            f"no finished run with val/ap50 in MLflow experiment '{experiment}' ({tracking.store_label()}); "
             "run the pipeline through the evaluate stage first (dvc repro)"
         )
     text = render(rows, experiment)

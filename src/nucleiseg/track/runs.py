@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import sqlite3
 import subprocess
 from contextlib import closing, contextmanager
@@ -38,7 +39,7 @@ try:
 except ImportError:  # Windows: no flock; first use is then unguarded, as in plain MLflow
     fcntl = None
 
-from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.errors import NucleisegError, os_error_text, redact
 from nucleiseg.core.io import repo_root
 from nucleiseg.data.sources import describe_source
 
@@ -98,6 +99,45 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri()
 
 
+def _move_credentials(uri: str) -> str:
+    """`uri` without its user:password, which go to MLFLOW_TRACKING_USERNAME/PASSWORD instead.
+
+    MLflow sends those as the same basic auth, and it prints its tracking URI (the run link
+    on stdout, the text of every failed request): with the credentials in it, the password.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+# MLflow's HTTP defaults (7 retries, backoff factor 2, 120 s timeout) wait about 4 minutes
+# for a server that is down, with a warning per retry. The first request to a tracking server
+# uses these instead (values set in the environment win) and retries quietly; later requests
+# keep MLflow's retries, so that a long training rides out a short outage of the server.
+FIRST_CONTACT_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextmanager
+def _first_contact():
+    added = [name for name in FIRST_CONTACT_HTTP if name not in os.environ]
+    os.environ.update({name: FIRST_CONTACT_HTTP[name] for name in added})
+    retries = logging.getLogger("urllib3.connectionpool")
+    level = retries.level
+    retries.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        retries.setLevel(level)
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def uses_local_store() -> bool:
     return tracking_uri() == local_store_uri()
 
@@ -122,8 +162,13 @@ def store_lock():
     flock is released by the kernel when the process dies, so a killed stage never leaves
     the store locked.
     """
-    store_dir().mkdir(parents=True, exist_ok=True)
-    with open(store_dir() / ".store.lock", "a") as handle:
+    try:
+        store_dir().mkdir(parents=True, exist_ok=True)
+        handle = open(store_dir() / ".store.lock", "a")
+    except OSError as exc:
+        raise NucleisegError(f"cannot use the MLflow store folder: {os_error_text(exc)} "
+                             "(or set MLFLOW_TRACKING_URI to a tracking server)") from None
+    with handle:
         if fcntl is not None:
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -143,16 +188,19 @@ def _broken_store(reason: str) -> NucleisegError:
 
 def _store_error(exc: Exception) -> NucleisegError:
     """One line for an exception raised while MLflow opens (creates, migrates) the store."""
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
+    text = redact(str(getattr(exc, "orig", None) or exc).strip())
+    first = text.splitlines()[0][:400] if text else type(exc).__name__
     if "out-of-date database schema" in text:  # an older MLflow's store, or a half-finished migration
         label = store_label()
         return NucleisegError(
             f"{label}: the MLflow store's schema is not the one this MLflow uses; back it up and upgrade it "
-            f"(mlflow db upgrade {tracking_uri()}), or move it aside to start a fresh store (mv {label} {label}.broken)"
+            f"(mlflow db upgrade {redact(tracking_uri())}), or move it aside to start a fresh store (mv {label} {label}.broken)"
         )
     if not uses_local_store():
-        return NucleisegError(f"cannot reach {store_label()} (MLFLOW_TRACKING_URI): {first}")
+        # MLflow wraps urllib3's reason ("[Errno 111] Connection refused") in 400 characters of URLs.
+        reason = re.search(r"\[Errno -?\d+\] [^\"')]+", first)
+        return NucleisegError(f"cannot reach {store_label()} (MLFLOW_TRACKING_URI): {reason[0] if reason else first}; check that the server runs, "
+                              "or unset MLFLOW_TRACKING_URI to use the repository's mlruns/ store")
     return _broken_store(first)
 
 
@@ -226,11 +274,12 @@ def configure(experiment: str = EXPERIMENT) -> str:
     """
     import mlflow
 
-    uri = tracking_uri()
+    uri = _move_credentials(tracking_uri())
     # Note: set_tracking_uri also exports MLFLOW_TRACKING_URI to this process's environment.
     mlflow.set_tracking_uri(uri)
     if not uses_local_store():
-        return _open(uri, experiment).experiment_id
+        with _first_contact():
+            return _open(uri, experiment).experiment_id
     with store_lock():
         found = _open(uri, experiment)
         follow_repository(found)

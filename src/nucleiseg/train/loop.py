@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import pickle
 import signal
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,24 @@ def build_loader(dataset, batches: EpochBatches, workers: int, pin_memory: bool)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate, pin_memory=pin_memory, **extra)
 
 
+def next_batch(batches):
+    """The loader's next batch. torch re-raises the error of a loader worker with the worker's
+    traceback as its message: a NucleisegError is cut back to its own one line."""
+    try:
+        return next(batches)
+    except Exception as exc:
+        text = str(exc).strip()
+        if "DataLoader worker" not in text.split("\n", 1)[0]:
+            raise
+        # torch raises it from a frame that holds the exception, which holds the frame: a cycle that
+        # keeps the loader, and its workers, alive until the process exits, which then waits for
+        # them forever (they ignore SIGTERM). Dropping the traceback breaks it; the message has the worker's.
+        exc.__traceback__ = None
+        if isinstance(exc, NucleisegError):
+            raise NucleisegError(text.splitlines()[-1].split("NucleisegError: ", 1)[-1]) from None
+        raise
+
+
 def targets_to_device(target: dict, device: torch.device) -> dict:
     moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in target.items()}
     return expand_masks(moved)
@@ -90,7 +109,7 @@ def train_one_epoch(model, optimizer, scheduler, batches, steps_per_epoch: int, 
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="batch", disable=None if show_progress else True, leave=False)
     while steps < steps_per_epoch:
         started = time.perf_counter()
-        images, targets = next(batches)
+        images, targets = next_batch(batches)
         waited += time.perf_counter() - started
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [targets_to_device(t, device) for t in targets]
@@ -148,6 +167,8 @@ def load_checkpoint(path: Path) -> dict:
         return ckpt
     except Exception as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError):  # torch's text advises weights_only=False: never for a damaged file
+            detail = "not a file of tensors and plain data that torch.load can read"
         raise NucleisegError(f"{path}: cannot resume from this checkpoint ({detail}); delete it to train from the start") from None
 
 

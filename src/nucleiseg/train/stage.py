@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from nucleiseg.core.config import Params
-from nucleiseg.core.errors import NucleisegError
+from nucleiseg.core.errors import NucleisegError, redact
 from nucleiseg.core.io import atomic_path, read_json, repo_root, write_json
 from nucleiseg.core.runtime import dist_info, resolve_device, seed_everything
 from nucleiseg.data.layout import load_train_sample, source_record
@@ -190,7 +190,7 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
         mlflow.log_artifact(str(curves_png), artifact_path="plots")
         curves_png.unlink()
         tracking.log_model(model)
-        write_json(outputs.run, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": tracking.tracking_uri()})
+        write_json(outputs.run, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": redact(tracking.tracking_uri())})
     log.info("trained %s in %.0f s; best epoch %d", mcfg.backbone, time.perf_counter() - stage_started, result.best_epoch)
     ckpt_path.unlink(missing_ok=True)
     return metrics
