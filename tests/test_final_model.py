@@ -79,7 +79,8 @@ def test_training_without_val_keeps_the_last_epoch(repo, make_params, monkeypatc
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(tracking.tracking_uri()).get_run(json.loads(out.run.read_text())["run_id"])
-    fold0 = dataclasses.replace(params, data=dataclasses.replace(params.data, fold=0), seed=5)
+    fold0 = dataclasses.replace(params, data=dataclasses.replace(params.data, fold=0), seed=5,
+                                evaluate=dataclasses.replace(params.evaluate, score_threshold=None))
     assert run.data.tags["fold"] == "all" and run.data.tags["recipe"] == tracking.recipe_id(fold0.flat())
     assert run.data.params["data.fold"] == "all" and run.data.params["val_images"] == "0"
 

@@ -2,7 +2,7 @@
 
     nucleiseg predict IMAGE_OR_FOLDER... --model models/model.pt --out predictions/mine
     nucleiseg predict slides/ --model runs:/<run_id>/model --out out/ --window 512 --tta
-    nucleiseg report --out reports/results.md
+    nucleiseg report --out reports/results.md [--baseline RECIPE]
 
 `predict` goes through the same `Predictor` as the infer stage (windows, stitching, TTA),
 with params.yaml's `infer` section and top-level `device` as defaults and the flags on top.
@@ -372,7 +372,7 @@ def predict_command(args) -> int:
 def report_command(args) -> int:
     from nucleiseg.track.report import write_report
 
-    text = write_report(Path(args.out))
+    text = write_report(Path(args.out), baseline=args.baseline)
     sys.stdout.write(text)
     log.info("wrote %s", args.out)
     return 0
@@ -423,8 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda | mps (default: params.yaml's device, else auto)")
     p.set_defaults(func=predict_command, params_given=False)
 
-    r = sub.add_parser("report", help="Markdown table of the MLflow runs (reports/results.md)")
+    r = sub.add_parser("report", help="Markdown tables of the MLflow runs: recipes over folds, then runs (reports/results.md)")
     r.add_argument("--out", default="reports/results.md", help="output Markdown file (default: reports/results.md)")
+    r.add_argument("--baseline", metavar="RECIPE",
+                   help="a recipe hash (or its first characters): every recipe's ap50_all gain over it, fold by fold, with twice its standard error")
     r.set_defaults(func=report_command)
     return parser
 

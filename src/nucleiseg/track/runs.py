@@ -325,10 +325,12 @@ def run_tags(backbone: str, device: str, data_source: str | None = None) -> dict
     return {k: v for k, v in tags.items() if v != ""}
 
 
-# Params a recipe is not: what cross-validation varies (the fold, and the seed that shuffles the folds)
-# and what cannot change a model or its val metrics (where it runs, loader processes, how many overlays
-# are drawn, the optional test ground truth).
-RECIPE_EXCLUDED = ("data.fold", "seed", "device", "train.workers", "evaluate.overlays", "data.test_annotations")
+# Params a recipe is not: what cross-validation varies (the fold, and the seed that shuffles the folds);
+# the fixed operating point, which the all-data model (data.fold: all) must set and its fold runs leave to
+# their val (so they share a recipe); and what cannot change a model or its val metrics (where it runs,
+# loader processes, how many overlays are drawn, the optional test ground truth).
+RECIPE_EXCLUDED = ("data.fold", "seed", "evaluate.score_threshold", "device", "train.workers", "evaluate.overlays",
+                   "data.test_annotations")
 
 
 def recipe_id(flat_params: dict) -> str:
