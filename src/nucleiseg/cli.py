@@ -1,7 +1,7 @@
 """The `nucleiseg` command: `predict` on any images with a trained model, `report` of the MLflow runs.
 
     nucleiseg predict IMAGE_OR_FOLDER... --model models/model.pt --out predictions/mine
-    nucleiseg predict slides/ --model runs:/<run_id>/model --out out/ --window 512 --tta
+    nucleiseg predict slides/ --model runs:/<run_id>/model --out out/ --window 512 --tta d4
     nucleiseg report --out reports/results.md [--baseline RECIPE]
 
 `predict` goes through the same `Predictor` as the infer stage (windows, stitching, TTA),
@@ -322,7 +322,7 @@ def predict_command(args) -> int:
     cfg = dataclasses.replace(settings.infer, score_threshold=min(settings.infer.score_threshold, threshold))
     predictor = Predictor(model, cfg, device)
     log.info("predicting %d image(s) with %s on %s (window %d, overlap %d%s); label maps at score >= %g (%s) -> %s",
-             len(images), args.model, device, cfg.window, cfg.overlap, ", TTA" if cfg.tta else "", threshold, threshold_source, out_dir)
+             len(images), args.model, device, cfg.window, cfg.overlap, f", TTA {cfg.tta}" if cfg.tta != "none" else "", threshold, threshold_source, out_dir)
 
     results: list[dict] = []
     records: list[dict] = []
@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label maps and overlays keep detections scored >= this (default: the model's operating point, "
                         "else params infer.score_threshold)")
     p.add_argument("--mask-threshold", type=float, help="mask probability threshold")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation")
+    p.add_argument("--tta", choices=("none", "flip", "d4"),
+                   help="test-time augmentation: none, flip (4 flips, mask NMS) or d4 (8 flips/turns, per-instance mask voting)")
     p.add_argument("--whole-image", action=argparse.BooleanOptionalAction, default=None, help="one pass per image, no windows")
     p.add_argument("--device", help="auto | cpu | cuda | mps (default: params.yaml's device, else auto)")
     p.set_defaults(func=predict_command, params_given=False)

@@ -276,7 +276,7 @@ class InferConfig:
     fill_holes: bool = param(True, boolean)
     dedup_iou: float = param(0.3, number(0, 1, lo_open=True))
     dedup_ios: float = param(0.6, number(0, 1, lo_open=True))
-    tta: bool = param(False, boolean)
+    tta: str = param("none", choice("none", "flip", "d4"))  # predict/tta.py
     whole_image: bool = param(False, boolean)
     score: str = param("detector", choice("detector", "mask_weighted"))
 
