@@ -241,6 +241,8 @@ class AugmentConfig:
     flip: bool = param(True, boolean)
     rot90: bool = param(True, boolean)
     color_jitter: float = param(0.1, number(0, 1))
+    stain: float = param(0.0, number(0, 1))  # HED stain jitter strength (train/samples.py)
+    scale_sampling: str = param("uniform", choice("uniform", "log_uniform"))
 
 
 @dataclass
