@@ -24,6 +24,7 @@ from nucleiseg.predict.postprocess import (
 from nucleiseg.predict.stitch import deduplicate, merge_windows
 from nucleiseg.predict.tta import TRANSFORMS, apply, invert, vote
 
+
 class Predictor:
     """Whole-image instances from a model in eval mode on `device`; the model is not changed
     (the detector's score threshold is set only for the duration of each forward pass)."""

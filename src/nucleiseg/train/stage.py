@@ -162,7 +162,7 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
         tracking.log_dataset(data_source)
         if resumed_run is None:
             tracking.log_params(params.flat())
-            mlflow.log_params({"train_windows": len(train_set), "val_images": len(validate.samples) if validate else 0, "world_size": dist.world_size})
+            mlflow.log_params({"train_windows": len(train_set), "val_images": len(validate.samples) if validate is not None else 0, "world_size": dist.world_size})
         result = fit(
             model, train_set, tcfg, device, seed, validate, ckpt_path,
             on_epoch_end=lambda row: mlflow.log_metrics(epoch_metrics(row), step=row["epoch"]),
