@@ -8,7 +8,10 @@
 # Each --recipe NAME [key=value ...] trains at the same time as the others on the one GPU (training
 # leaves it mostly idle, see README), from the same tiles, with the loader's workers split between them;
 # overrides before the first --recipe apply to all. Each recipe then runs infer, export, evaluate and
-# (SWEEP=1) benchmarks/postprocess_sweep.py on its model.
+# (SWEEP=1) benchmarks/postprocess_sweep.py on its model. A recipe that sets data.fold tiles its own
+# split (~21 s on the real data), so folds train side by side:
+#   OUT=/tmp/out BENCH=0 bash benchmarks/gpu_kit_run.sh train.epochs=30 train.lr_drop_epoch=24 \
+#       --recipe f0 data.fold=0 --recipe f1 data.fold=1 --recipe f2 data.fold=2
 # Env: TRAIN_S (training time limit, default 330 s; the best epoch so far is used when it is hit),
 # SKIP_WHEELS=1 (pycocotools/faster-coco-eval already installed), BENCH=0 (skip the benchmarks),
 # SWEEP=1 (post-processing sweep on val), DEADLINE (seconds since start after which no sweep starts).
@@ -127,10 +130,16 @@ else
   pids=()
   for name in "${names[@]}"; do
     mkdir -p "recipes/$name" "$OUT/$name"
-    cp -r stages benchmarks params.yaml "recipes/$name/"; ln -s "$W/data" "recipes/$name/data"
+    cp -r stages benchmarks params.yaml "recipes/$name/"
+    if [[ " ${recipe_args[$name]} " == *" data.fold="* ]]; then
+      mkdir "recipes/$name/data"; ln -s "$W/data/raw" "recipes/$name/data/raw"  # its own split and tiles
+    else
+      ln -s "$W/data" "recipes/$name/data"
+    fi
     # shellcheck disable=SC2086
     (cd "recipes/$name" && python3 "$KIT/setparams.py" train.workers=$workers ${recipe_args[$name]} \
-      && mark() { echo "[t=$((SECONDS-t0))s] [$name] $*"; } && run_recipe "$OUT/$name") \
+      && mark() { echo "[t=$((SECONDS-t0))s] [$name] $*"; } \
+      && { [ -L data ] || { python3 stages/tile.py && mark tile; }; } && run_recipe "$OUT/$name") \
       > "$OUT/$name/log.txt" 2>&1 &
     pids+=($!)
   done

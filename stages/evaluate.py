@@ -1,5 +1,6 @@
 """DVC stage `evaluate`: predictions -> metrics/eval.json, models/operating_point.json, plots/pr.csv,
-plots/operating_point.csv, overlays/; logged into the training run."""
+plots/operating_point.csv, overlays/; logged into the training run. Without val images (data.fold: all) the
+operating point is evaluate.score_threshold and only test metrics (with data.test_annotations) are computed."""
 
 import logging
 from pathlib import Path
@@ -26,7 +27,11 @@ def main() -> None:
     metrics = evaluate_predictions(Path("data/raw"), Path("data/split.json"), Path("predictions"), params.evaluate,
                                    params.infer.score_threshold, params.data.test_annotations, outputs)
     log_evaluation(run_id, metrics, outputs, Path("submission/answer.json"))
-    log.info("val: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    if metrics.get("val_images") == 0:
+        log.warning("no val images (data.fold: all): nothing to score on val; the folds' runs hold the val metrics "
+                    "(python -m nucleiseg report); operating point evaluate.score_threshold = %g", metrics["score_threshold"])
+    else:
+        log.info("val: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """DVC stage `infer`: models/model.pt -> predictions/val.json, predictions/test.json (whole images, stitched;
-every detection above infer.score_threshold, for AP; the evaluate stage chooses the operating point)."""
+every detection above infer.score_threshold, for AP; the evaluate stage chooses the operating point).
+Without val images (data.fold: all) only predictions/test.json."""
 
 import json
 import logging
@@ -22,10 +23,10 @@ def main() -> None:
     model, _ = load_trained("models/model.pt", device)
     predictor = Predictor(model, params.infer, device)
     val_names = read_json("data/split.json")["val"]
-    items = {
-        "val": [(image_id, train_image_path("data/raw", name)) for name, image_id in val_image_ids(val_names).items()],
-        "test": [(img.id, img.path) for img in load_test_index("data/raw")],
-    }
+    items = {}
+    if val_names:  # none with data.fold: all (the final model): only test predictions
+        items["val"] = [(image_id, train_image_path("data/raw", name)) for name, image_id in val_image_ids(val_names).items()]
+    items["test"] = [(img.id, img.path) for img in load_test_index("data/raw")]
     with atomic_path("predictions") as out:
         out.mkdir()
         for split, split_items in items.items():

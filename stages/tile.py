@@ -17,7 +17,7 @@ log = logging.getLogger("tile")
 def main() -> None:
     params = read_params()
     cfg = params.tile
-    split = split_ids(train_ids("data/raw"), params.data.val_images, params.seed)
+    split = split_ids(train_ids("data/raw"), params.data.val_images, params.seed, params.data.fold)
     with atomic_path("data/tiles") as tiles_dir:
         train = write_split("data/raw", split["train"], tiles_dir, "train", cfg.size, cfg.overlap, cfg.min_visible, default_workers() + 1)
         summary = {"data": source_record("data/raw"), "train": train, "val_images": split["val"], "tile": dataclasses.asdict(cfg)}

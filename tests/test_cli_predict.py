@@ -257,11 +257,11 @@ def test_too_many_instances_for_uint16():
 
 
 def test_params_infer_section_and_device_then_flags(tmp_path):
-    (tmp_path / "p.yaml").write_text("device: cpu\ninfer: {window: 128, overlap: 32, tta: true, score_threshold: 0.2}\n")
+    (tmp_path / "p.yaml").write_text("device: cpu\ninfer: {window: 128, overlap: 32, tta: d4, score_threshold: 0.2}\n")
     parse = cli.build_parser().parse_args
-    settings = cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "p.yaml"), "--window", "96", "--no-tta"]))
+    settings = cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "p.yaml"), "--window", "96", "--tta", "flip"]))
     cfg = settings.infer
-    assert (cfg.window, cfg.overlap, cfg.tta, cfg.score_threshold, settings.device, settings.label_threshold) == (96, 32, False, 0.2, "cpu", None)
+    assert (cfg.window, cfg.overlap, cfg.tta, cfg.score_threshold, settings.device, settings.label_threshold) == (96, 32, "flip", 0.2, "cpu", None)
     settings = cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "p.yaml"),
                                         "--device", "auto", "--score-threshold", "0.6"]))
     assert (settings.device, settings.label_threshold, settings.infer.score_threshold) == ("auto", 0.6, 0.2)
@@ -284,6 +284,7 @@ def test_params_infer_section_and_device_then_flags(tmp_path):
     (["--mask-threshold", "0"], "error: --mask-threshold 0.0 is not allowed; expected a number > 0 and < 1"),
     (["--device", "gpu"], "error: --device gpu is not allowed; expected one of auto, cpu, cuda, mps"),
     (["--window", "big"], "error: nucleiseg predict: argument --window: invalid int value: 'big' (see --help)"),
+    (["--tta", "rotate"], "error: nucleiseg predict: argument --tta: invalid choice: 'rotate' (choose from 'none', 'flip', 'd4') (see --help)"),
 ])
 def test_absurd_flags_are_refused_up_front(tmp_path, capsys, flags, message):
     """Checked by the same field checks as params.yaml before any image is read or the model is touched."""

@@ -63,6 +63,13 @@ BAD_VALUES = [
     ("train.augment.flip", "maybe", "train.augment.flip"),
     ("seed", "-1", "seed"),
     ("backbone", "resnet152", "backbone"),
+    ("data.fold", "-1", "data.fold"),
+    ("data.fold", "last", "data.fold"),
+    ("data.fold", "true", "data.fold"),
+    ("evaluate.score_threshold", "1.0", "evaluate.score_threshold"),
+    ("infer.tta", "true", "infer.tta"),  # was a boolean: now none | flip | d4
+    ("train.augment.stain", "2", "train.augment.stain"),
+    ("train.augment.scale_sampling", "log", "train.augment.scale_sampling"),
 ]
 TYPO_KEYS = [
     ("data.val_image", "2", "data.val_image"),
@@ -115,6 +122,7 @@ def test_unknown_key_is_one_line_naming_it(tmp_path, dotted, value, key):
         ({"train": {"augment": {"scale": [1.2, 0.8]}}}, "train.augment.scale"),
         ({"data": {"source": "synthetic", "sha256": ZEROS}}, "data.sha256"),
         ({"tile": "big"}, "'tile' must be a mapping"),
+        ({"data": {"fold": "all"}}, "data.fold = 'all' holds out no val images"),
     ],
 )
 def test_values_that_do_not_fit_together(values, needle):

@@ -5,6 +5,8 @@ mask, torchvision's resize of the whole window (nearest for masks), then crop, f
 quarter turns, boxes from the masks. Same augmentation draw, same targets.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from nucleiseg.core.config import AugmentConfig
 from nucleiseg.core.masks import Instance, iou
-from nucleiseg.core.windows import Window, window_instances
+from nucleiseg.core.windows import PAD_VALUE, Window, window_instances
 from nucleiseg.data.synthetic import synth_image
 from nucleiseg.data.tile_store import label_layers, window_instances_from_labels
 from nucleiseg.train.samples import (
@@ -21,10 +23,13 @@ from nucleiseg.train.samples import (
     EpochBatches,
     EpochSampler,
     TileDataset,
+    HED_FROM_RGB,
     augment,
     draw_params,
     expand_masks,
     label_targets,
+    padding,
+    stain_jitter,
 )
 
 SIZE = 128
@@ -126,3 +131,56 @@ def test_epoch_batches_cover_each_epoch_in_order():
     batches = list(EpochBatches(EpochSampler(10, seed=0), batch_size=4, first=2, last=3))
     assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
     assert {e for b in batches[:3] for e, _ in b} == {2} and {e for b in batches[3:] for e, _ in b} == {3}
+
+
+# ----------------------------------------------------------------------------- stain jitter, scale sampling
+
+
+def _densities(pixels: np.ndarray) -> np.ndarray:
+    """3 x H x W: the H, E and D optical densities (natural log) of 3 x H x W uint8 pixels."""
+    density = -np.log(np.maximum(pixels.astype(np.float64) / 255.0, 1e-6))
+    return np.einsum("chw,cd->dhw", density, HED_FROM_RGB.astype(np.float64))
+
+
+def test_stain_jitter_identity_is_exact_and_scales_each_stains_density():
+    image, _ = window_of(2)
+    pixels = np.ascontiguousarray(image.transpose(2, 0, 1))
+    assert np.array_equal(stain_jitter(pixels, ((1.0, 0.0),) * 3), pixels)
+    # Haematoxylin x 1.3 + 0.05, eosin x 0.8, DAB unchanged: the output's densities are exactly that, up to
+    # 8-bit rounding, wherever no channel saturates.
+    out = stain_jitter(pixels, ((1.3, 0.05), (0.8, 0.0), (1.0, 0.0)))
+    expected = _densities(pixels) * np.array([1.3, 0.8, 1.0])[:, None, None] + np.array([0.05, 0, 0])[:, None, None]
+    unsaturated = (out >= 40).all(axis=0) & (out <= 250).all(axis=0)
+    assert unsaturated.mean() > 0.5
+    assert np.abs(_densities(out) - expected)[:, unsaturated].max() < 0.05
+
+
+def test_stain_draws_come_last_and_leave_labels_and_padding_alone():
+    image, instances = window_of(3)
+    labels = np.stack(label_layers(instances, SIZE))
+    plain = AugmentConfig(crop=160, scale=[0.8, 1.25], flip=True, rot90=True, color_jitter=0.0)
+    stained = dataclasses.replace(plain, stain=0.2)
+    for draw in range(4):
+        p = draw_params(np.random.default_rng([7, draw]), SIZE, plain)
+        q = draw_params(np.random.default_rng([7, draw]), SIZE, stained)
+        assert p.stain == () and len(q.stain) == 3 and dataclasses.replace(q, stain=()) == p
+        assert all(0.8 <= f <= 1.2 and -0.2 <= b <= 0.2 for f, b in q.stain)
+        plain_pixels, plain_labels = augment(image, labels, p)
+        pixels, out_labels = augment(image, labels, q)
+        assert np.array_equal(out_labels, plain_labels)
+        pad = padding(q, SIZE)
+        assert pad.any() and (~pad).any()  # a 160 crop of a window scaled to at most 160 px is partly padding
+        assert (pixels.numpy()[:, pad] == PAD_VALUE).all() and np.array_equal(plain_pixels.numpy()[:, pad], pixels.numpy()[:, pad])
+        assert not np.array_equal(plain_pixels.numpy()[:, ~pad], pixels.numpy()[:, ~pad])
+
+
+def test_log_uniform_scale_zooms_in_and_out_equally():
+    cfg = AugmentConfig(crop=0, scale=[0.5, 2.0], flip=False, rot90=False, color_jitter=0.0)
+    rng = np.random.default_rng(0)
+    uniform = np.array([draw_params(rng, 1000, cfg).scaled for _ in range(2000)]) / 1000
+    log_uniform = np.array([draw_params(rng, 1000, dataclasses.replace(cfg, scale_sampling="log_uniform")).scaled
+                            for _ in range(2000)]) / 1000
+    for factors in (uniform, log_uniform):
+        assert 0.5 <= factors.min() and factors.max() <= 2.0
+    assert abs(np.median(uniform) - 1.25) < 0.05  # uniform on [0.5, 2]: zooms in 2 times out of 3
+    assert abs(np.median(log_uniform) - 1.0) < 0.05 and abs((log_uniform < 1).mean() - 0.5) < 0.04

@@ -123,3 +123,25 @@ def test_stage_param_errors_are_one_line(tmp_path):
     _one_error_line(_stage(tmp_path, "tile", {"data": {"val_images": 0}, "tile": {"size": 64, "overlap": 16}}), "data.val_images = 0")
     _one_error_line(_stage(tmp_path, "tile", {"data": {"val_images": 2}, "tile": {"size": 64, "overlap": 16}}), "data.val_images=2")
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]
+
+
+@pytest.mark.slow
+def test_tile_stage_folds_hold_out_disjoint_pairs_and_refuse_a_fold_out_of_range(tmp_path):
+    """6 training images, data.val_images 2: `stages/tile.py` with data.fold 0, 1, 2 holds out three disjoint pairs
+    covering all 6 (never tiling them); data.fold 3 stops with one `error:` line and leaves the outputs as they were."""
+    generate_dataset(tmp_path / "data" / "raw", n_train=6, n_test=1, size=64)
+    ids = sorted(p.name for p in (tmp_path / "data" / "raw" / "train").iterdir())
+    held_out = []
+    for fold in range(3):
+        done = _stage(tmp_path, "tile", {"data": {"val_images": 2, "fold": fold}, "tile": {"size": 64, "overlap": 16}})
+        assert done.returncode == 0, done.stderr
+        split = json.loads((tmp_path / "data" / "split.json").read_text())
+        assert len(split["val"]) == 2 and sorted(split["train"] + split["val"]) == ids
+        tiled = json.loads((tmp_path / "data" / "tiles" / "summary.json").read_text())
+        assert tiled["val_images"] == split["val"] and tiled["train"]["images"] == 4
+        held_out += split["val"]
+    assert sorted(held_out) == ids  # disjoint pairs, every image held out once
+    before = {p: p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file()}
+    _one_error_line(_stage(tmp_path, "tile", {"data": {"val_images": 2, "fold": 3}, "tile": {"size": 64, "overlap": 16}}),
+                    "data.fold = 3 is out of range: 6 training images with data.val_images = 2 make 3 fold(s), 0 to 2")
+    assert {p: p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file()} == before

@@ -225,3 +225,82 @@ def test_mlflow_ui_serves_the_project_store(store):
             time.sleep(1)
         log_file.close()
     assert not group_alive(pgid), "mlflow ui left processes behind"
+
+
+# ---------------------------------------------------------------------------------------------- recipes over folds
+
+
+def _fold_run(name: str, params, metrics: dict | None) -> str:
+    """A run as the train + evaluate stages leave it for `params` (its fold and recipe tags); metrics None: not evaluated."""
+    import mlflow
+
+    with tracking.active_run(name=name, tags={"backbone": params.backbone, "data_source": "synthetic", **tracking.recipe_tags(params)}) as run:
+        tracking.log_params(params.flat())
+        if metrics is not None:
+            mlflow.log_metrics({f"val/{k}": v for k, v in metrics.items()})
+    return run.info.run_id
+
+
+def _scores(ap50_all, ap50, f1, pq, aji, threshold):
+    return {"ap50_all": ap50_all, "ap50": ap50, "f1": f1, "pq": pq, "aji": aji, "score_threshold": threshold}
+
+
+def test_report_shows_each_recipes_mean_and_sd_over_its_folds(store, capsys, monkeypatch):
+    from nucleiseg.core.config import params_from_dict
+
+    def recipe(fold, epochs=80, seed=0):
+        point = {"score_threshold": 0.45} if fold == "all" else {}
+        return params_from_dict({"seed": seed, "data": {"fold": fold}, "train": {"epochs": epochs}, "evaluate": point})
+
+    _fold_run("a0-old", recipe(0), _scores(0.1, 0.1, 0.1, 0.1, 0.1, 0.1))  # fold 0 ran twice: the newer run counts
+    _fold_run("a0", recipe(0), _scores(0.70, 0.24, 0.75, 0.55, 0.56, 0.40))
+    _fold_run("a1", recipe(1), _scores(0.74, 0.22, 0.77, 0.59, 0.60, 0.50))
+    _fold_run("a-final", recipe("all"), None)  # the all-data model: no val metrics, named in its recipe's row
+    _fold_run("b0", recipe(0, epochs=30), _scores(0.65, 0.20, 0.70, 0.50, 0.52, 0.45))
+    _fold_run("b1", recipe(1, epochs=30), _scores(0.66, 0.21, 0.71, 0.51, 0.53, 0.45))
+    _fold_run("c1", recipe(1, epochs=120, seed=1), _scores(0.80, 0.25, 0.81, 0.62, 0.63, 0.55))
+
+    monkeypatch.chdir(store)
+    assert cli_main(["report"]) == 0
+    text = (store / "reports/results.md").read_text()
+    assert capsys.readouterr().out == text
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| recipe |"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "recipe", "data", "differs from the defaults", "folds", "val ap50_all", "val ap50 (top 100)", "val F1", "val PQ", "val AJI",
+        "score threshold", "all-data run"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| `")]
+    recipe_a, recipe_b, recipe_c = (tracking.recipe_id(recipe(0, e).flat()) for e in (80, 30, 120))
+    # Best mean val ap50_all first; mean ± sample sd (0.70 and 0.74: 0.720 ± 0.028); one fold: sd '-'.
+    assert rows == [
+        [f"`{recipe_c}`", "synthetic", "train.epochs=120", "1", "0.800 ± -", "0.250 ± -", "0.810 ± -", "0.620 ± -", "0.630 ± -",
+         "0.550", ""],
+        [f"`{recipe_a}`", "synthetic", "defaults", "2", "0.720 ± 0.028", "0.230 ± 0.014", "0.760 ± 0.014", "0.570 ± 0.028",
+         "0.580 ± 0.028", "0.450", "a-final"],
+        [f"`{recipe_b}`", "synthetic", "train.epochs=30", "2", "0.655 ± 0.007", "0.205 ± 0.007", "0.705 ± 0.007", "0.505 ± 0.007",
+         "0.525 ± 0.007", "0.450", ""],
+    ]
+    runs_header = next(line for line in lines if line.startswith("| run |"))
+    assert lines.index("## Cross-validated recipes") < lines.index(header) < lines.index("## Runs") < lines.index(runs_header)
+
+    # The decision rule, fold by fold against a baseline: B loses 0.05 and 0.08 to A (mean -0.065, SE 0.015).
+    text = write_report(store / "vs_a.md", baseline=recipe_a[:6])
+    rows = {line.split("|")[1].strip(): line.strip("|").split("|")[-1].strip() for line in text.splitlines() if line.startswith("| `")}
+    assert rows[f"`{recipe_a}`"] == "baseline"
+    assert rows[f"`{recipe_b}`"] == "-0.065 ± 0.030 (2 folds): no"
+    assert rows[f"`{recipe_c}`"] == "no common folds"  # seed 1's fold 1 is another split than seed 0's
+    with pytest.raises(NucleisegError, match="--baseline ffff matches no recipe"):
+        write_report(store / "x.md", baseline="ffff")
+
+
+def test_gain_over_folds_adopts_only_beyond_twice_its_standard_error():
+    from nucleiseg.track.report import Recipe, Row, gain_cell
+
+    def runs(values):
+        return Recipe("r", [Row("", "", "", "", "", "", None, {"ap50_all": v}, None, None, seed="0", fold=str(k))
+                            for k, v in enumerate(values)])
+
+    base = runs([0.70, 0.72, 0.74, 0.71])
+    assert gain_cell(runs([0.73, 0.75, 0.77, 0.74]), base) == "+0.030 ± 0.000 (4 folds): yes"  # the same gain on every fold
+    assert gain_cell(runs([0.75, 0.70, 0.78, 0.70]), base) == "+0.015 ± 0.035 (4 folds): no"  # mixed: within noise
+    assert gain_cell(runs([0.80]), base) == "+0.100 (1 fold: no standard error)"

@@ -1,5 +1,5 @@
 """Seams: window cores partition the image, GT cut into windows and merged is GT again (the oracle),
-mask NMS, and Predictor's window/flip/whole-image bookkeeping with a fake model."""
+mask NMS, Predictor's window/TTA/whole-image bookkeeping with a fake model, and TTA's transforms and mask voting."""
 
 from collections import Counter
 
@@ -15,6 +15,7 @@ from nucleiseg.core.windows import axis_cores, window_starts, windows
 from nucleiseg.data.synthetic import synth_image
 from nucleiseg.evaluate.metrics import coco_segm_metrics
 from nucleiseg.predict import stitch
+from nucleiseg.predict import tta
 from nucleiseg.predict.predictor import Predictor
 
 WINDOW, OVERLAP = 96, 40  # overlap > largest synthetic nucleus (radius 14 -> 28 px)
@@ -282,7 +283,7 @@ def test_predictor_whole_image_and_tta_agree(rectangles):
     gt_rles = {to_rle(i, height, width)["counts"] for i in gt}
     windowed = Predictor(RectangleOracle(), _cfg()).predict(image)
     tta_model = RectangleOracle()
-    tta = Predictor(tta_model, _cfg(tta=True)).predict(image)
+    tta = Predictor(tta_model, _cfg(tta="flip")).predict(image)
     whole_model = RectangleOracle()
     whole = Predictor(whole_model, _cfg(whole_image=True)).predict(image)
     assert whole_model.calls == 1
@@ -299,3 +300,95 @@ def test_predictor_small_image_is_padded_and_clipped():
     found = Predictor(RectangleOracle(), _cfg()).predict(image)
     assert Counter(map(_key, found)) == Counter(map(_key, gt))
     assert all(i.x1 <= 50 and i.y1 <= 70 for i in found)
+
+
+# ----------------------------------------------------------------------------- TTA over the 8 flips/turns
+
+
+@pytest.mark.parametrize("turns, mirror", tta.TRANSFORMS["d4"])
+def test_tta_invert_undoes_the_transform_the_model_saw(turns, mirror):
+    """An instance drawn in a window, found where the transformed window shows it, maps back to itself."""
+    size = 40
+    rng = np.random.default_rng(turns * 2 + mirror)
+    for _ in range(5):
+        mask = rng.random((int(rng.integers(1, 12)), int(rng.integers(1, 12)))) < 0.6
+        mask[0, 0] = True
+        inst = Instance(mask, int(rng.integers(0, size - mask.shape[1] + 1)), int(rng.integers(0, size - mask.shape[0] + 1))).tight()
+        seen = tta.apply(torch.from_numpy(paste([inst], size, size) > 0)[None], turns, mirror)[0].numpy()
+        found = Instance(seen, 0, 0).tight()
+        assert _key(tta.invert(found, turns, mirror, size)) == _key(inst)
+
+
+def test_tta_flip_is_the_old_flip_set():
+    """The 4 flips as (turns, mirror): none, horizontal, vertical (a mirror turned twice), both (two turns)."""
+    image = torch.arange(12.0).reshape(1, 3, 4)[:, :3, :3]
+    seen = [tta.apply(image, t, m) for t, m in tta.TRANSFORMS["flip"]]
+    expected = [image, image.flip(-1), image.flip(-2), image.flip(-1).flip(-2)]
+    assert all(torch.equal(a, b) for a, b in zip(seen, expected))
+
+
+def _square(x0, y0, side=6, score=0.8, extra_column=False):
+    mask = np.ones((side, side + extra_column), bool)
+    return Instance(mask, x0, y0, score, {"detector_score": score})
+
+
+def test_vote_keeps_the_pixel_majority_and_scores_by_agreement():
+    # Nucleus A: 8 passes, 3 of them one column too wide -> the majority mask is the exact square.
+    # Nucleus B (far away): found by 2 of 8 passes -> a quarter of its score.
+    # Pass 0 also sees a second, worse copy of A (IoU 6/7 with A): the group takes one instance per pass.
+    passes = [[_square(10, 10, extra_column=k < 3, score=0.8 - 0.01 * k)] for k in range(8)]
+    passes[0].append(_square(10, 10, extra_column=True, score=0.1))
+    passes[3].append(_square(40, 40, score=0.6))
+    passes[6].append(_square(40, 41, score=0.4))
+    found = tta.vote(passes)
+    assert len(found) == 3
+    a, b, leftover = found
+    assert _key(a) == _key(_square(10, 10)) and a.extra["tta_votes"] == 8
+    assert a.score == pytest.approx(sum(0.8 - 0.01 * k for k in range(8)) / 8) == a.extra["detector_score"]
+    # Two members: a pixel covered by one of them is kept (half of the group).
+    assert (b.x0, b.y0, b.mask.shape, b.mask.all()) == (40, 40, (7, 6), True) and b.score == pytest.approx(1.0 / 8)
+    assert b.extra["tta_votes"] == 2
+    assert leftover.extra["tta_votes"] == 1 and leftover.score == pytest.approx(0.1 / 8)
+
+
+def test_predictor_d4_returns_the_ground_truth_for_an_equivariant_model(rectangles):
+    """The rectangle oracle is exactly equivariant: d4 TTA finds every rectangle, pixel-exact, with all 8 votes
+    and its score unchanged, as the single pass does."""
+    image, gt = rectangles
+    height, width = image.shape[:2]
+    model = RectangleOracle()
+    found = Predictor(model, _cfg(tta="d4")).predict(image)
+    assert model.calls == 8 * len(windows(height, width, WINDOW, OVERLAP))
+    assert Counter(map(_key, found)) == Counter(map(_key, gt)) == Counter(map(_key, Predictor(RectangleOracle(), _cfg()).predict(image)))
+    assert {i.extra["tta_votes"] for i in found} == {8} and [i.score for i in found] == pytest.approx([0.9] * len(found))
+
+
+class CornerArtefactOracle(RectangleOracle):
+    """The rectangle oracle plus one false 5 x 5 detection in the top-left corner of whatever it is shown: not equivariant."""
+
+    def forward(self, images):
+        out = super().forward(images)
+        for o in out:
+            o["boxes"] = torch.cat([o["boxes"], torch.tensor([[*self._axis(1, 6), *self._axis(1, 6)]], dtype=torch.float32)[:, [0, 2, 1, 3]]])
+            o["scores"] = torch.cat([o["scores"], torch.tensor([0.9])])
+            o["labels"] = torch.cat([o["labels"], torch.ones(1, dtype=torch.int64)])
+            o["masks"] = torch.cat([o["masks"], torch.ones(1, 1, 28, 28)])
+        return out
+
+
+def test_predictor_d4_ranks_an_artefact_of_one_orientation_down():
+    """The artefact lands in each corner of the window under 2 of the 8 transforms (the corner's own mirror keeps it
+    there): d4 voting keeps the 4 corner copies at 2/8 of the score, the real rectangles at full score."""
+    image = np.full((64, 64, 3), 255, np.uint8)
+    gt = []
+    for k, (x0, y0, w, h) in enumerate([(20, 20, 8, 5), (35, 30, 4, 9), (15, 40, 10, 10)]):
+        image[y0 : y0 + h, x0 : x0 + w] = _colour(k)
+        gt.append(Instance(np.ones((h, w), bool), x0, y0))
+    corners = [Instance(np.ones((5, 5), bool), x, y) for x in (1, 58) for y in (1, 58)]
+    single = Predictor(CornerArtefactOracle(), _cfg(window=64, overlap=16)).predict(image)
+    assert Counter(map(_key, single)) == Counter(map(_key, gt + corners[:1]))
+    voted = Predictor(CornerArtefactOracle(), _cfg(window=64, overlap=16, tta="d4")).predict(image)
+    assert Counter(map(_key, voted)) == Counter(map(_key, gt + corners))
+    by_key = {_key(i): i for i in voted}
+    assert [by_key[_key(c)].score for c in corners] == [pytest.approx(0.9 * 2 / 8)] * 4
+    assert [by_key[_key(g)].score for g in gt] == [pytest.approx(0.9)] * 3

@@ -1,8 +1,8 @@
 """The `nucleiseg` command: `predict` on any images with a trained model, `report` of the MLflow runs.
 
     nucleiseg predict IMAGE_OR_FOLDER... --model models/model.pt --out predictions/mine
-    nucleiseg predict slides/ --model runs:/<run_id>/model --out out/ --window 512 --tta
-    nucleiseg report --out reports/results.md
+    nucleiseg predict slides/ --model runs:/<run_id>/model --out out/ --window 512 --tta d4
+    nucleiseg report --out reports/results.md [--baseline RECIPE]
 
 `predict` goes through the same `Predictor` as the infer stage (windows, stitching, TTA),
 with params.yaml's `infer` section and top-level `device` as defaults and the flags on top.
@@ -345,7 +345,7 @@ def predict_command(args) -> int:
     cfg = dataclasses.replace(settings.infer, score_threshold=min(settings.infer.score_threshold, threshold))
     predictor = Predictor(model, cfg, device)
     log.info("predicting %d image(s) with %s on %s (window %d, overlap %d%s); label maps at score >= %g (%s) -> %s",
-             len(images), args.model, device, cfg.window, cfg.overlap, ", TTA" if cfg.tta else "", threshold, threshold_source, out_dir)
+             len(images), args.model, device, cfg.window, cfg.overlap, f", TTA {cfg.tta}" if cfg.tta != "none" else "", threshold, threshold_source, out_dir)
 
     results: list[dict] = []
     records: list[dict] = []
@@ -407,7 +407,7 @@ def _write_errors(out_dir: Path):
 def report_command(args) -> int:
     from nucleiseg.track.report import write_report
 
-    text = write_report(Path(args.out))
+    text = write_report(Path(args.out), baseline=args.baseline)
     sys.stdout.write(text)
     log.info("wrote %s", args.out)
     return 0
@@ -455,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label maps and overlays keep detections scored >= this (default: the model's operating point, "
                         "else params infer.score_threshold)")
     p.add_argument("--mask-threshold", type=float, help="mask probability threshold")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation")
+    p.add_argument("--tta", choices=("none", "flip", "d4"),
+                   help="test-time augmentation: none, flip (4 flips, mask NMS) or d4 (8 flips/turns, per-instance mask voting)")
     p.add_argument("--whole-image", action=argparse.BooleanOptionalAction, default=None, help="one pass per image, no windows")
     p.add_argument("--device", help="auto | cpu | cuda | mps (default: params.yaml's device, else auto)")
     p.add_argument("--max-megapixels", type=float,
@@ -463,8 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_MAX_MEGAPIXELS:g}); raise it for whole-slide images, inf for no limit")
     p.set_defaults(func=predict_command, params_given=False)
 
-    r = sub.add_parser("report", help="Markdown table of the MLflow runs (reports/results.md)")
+    r = sub.add_parser("report", help="Markdown tables of the MLflow runs: recipes over folds, then runs (reports/results.md)")
     r.add_argument("--out", default="reports/results.md", help="output Markdown file (default: reports/results.md)")
+    r.add_argument("--baseline", metavar="RECIPE",
+                   help="a recipe hash (or its first characters): every recipe's ap50_all gain over it, fold by fold, with twice its standard error")
     r.set_defaults(func=report_command)
     return parser
 

@@ -63,6 +63,20 @@ def number(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
     return check
 
 
+def optional(check: Callable) -> Callable:
+    """`check`, or null."""
+
+    def checked(value):
+        if value is None:
+            return None
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise ValueError(f"{exc} or null") from None
+
+    return checked
+
+
 def boolean(value):
     if not isinstance(value, bool):
         raise ValueError("true or false")
@@ -103,6 +117,15 @@ def list_of(item: Callable, length: int | None = None, min_length: int = 0, what
             raise ValueError(f"a list of {shape} {what}, each {exc}") from None
 
     return check
+
+
+def fold_index(value):
+    """data.fold: a fold number, or 'all' (no val: the final model trains on every training image)."""
+    if value == "all":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("an integer >= 0 (a cross-validation fold) or 'all' (train on every training image, no val)")
+    return value
 
 
 def text(optional: bool = False) -> Callable:
@@ -176,6 +199,7 @@ class DataConfig:
     source: str = param(DRIVE_SOURCE, text())
     sha256: str | None = param(None, sha256_hex)
     val_images: int = param(4, integer(1, 1000))
+    fold: int | str = param(0, fold_index)
     test_annotations: str | None = param(None, text(optional=True))
     synthetic: SyntheticConfig = section(SyntheticConfig)
 
@@ -215,6 +239,8 @@ class AugmentConfig:
     flip: bool = param(True, boolean)
     rot90: bool = param(True, boolean)
     color_jitter: float = param(0.1, number(0, 1))
+    stain: float = param(0.0, number(0, 1))  # HED stain jitter strength (train/samples.py)
+    scale_sampling: str = param("uniform", choice("uniform", "log_uniform"))
 
 
 @dataclass
@@ -250,7 +276,7 @@ class InferConfig:
     fill_holes: bool = param(True, boolean)
     dedup_iou: float = param(0.3, number(0, 1, lo_open=True))
     dedup_ios: float = param(0.6, number(0, 1, lo_open=True))
-    tta: bool = param(False, boolean)
+    tta: str = param("none", choice("none", "flip", "d4"))  # predict/tta.py
     whole_image: bool = param(False, boolean)
     score: str = param("detector", choice("detector", "mask_weighted"))
 
@@ -260,6 +286,8 @@ class EvaluateConfig:
     max_dets_all: int = param(3000, integer(100, 1_000_000))
     overlays: int = param(8, integer(0, 10_000))
     operating_metric: str = param("f1", choice(*OPERATING_METRICS))
+    # null: chosen on val (maximising operating_metric); a number: used as is (required without val, data.fold: all)
+    score_threshold: float | None = param(None, optional(number(0, 1, hi_open=True)))
 
 
 @dataclass
@@ -341,6 +369,9 @@ def _cross_checks(p: Params, source: str) -> None:
     r_lo, r_hi = p.data.synthetic.radius_range
     if r_lo > r_hi:
         refuse(f"data.synthetic.radius_range = {[r_lo, r_hi]}: the first radius must not exceed the second")
+    if p.data.fold == "all" and p.evaluate.score_threshold is None:
+        refuse("data.fold = 'all' holds out no val images, so no operating point can be chosen on val; set evaluate.score_threshold "
+               "(the folds' mean, column 'score threshold' of `python -m nucleiseg report`)")
     if p.data.sha256 and p.data.source == "synthetic":
         refuse("data.sha256 is set but data.source is 'synthetic': a checksum applies to a zip only; set data.sha256 to null")
 

@@ -279,13 +279,31 @@ def val_image_ids(names: list[str]) -> dict[str, int]:
     return {name: i for i, name in enumerate(names, start=1)}
 
 
-def split_ids(ids: list[str], val_images: int, seed: int) -> dict[str, list[str]]:
-    """Hold out `val_images` whole images (seeded); they never reach training."""
-    if not 0 <= val_images < len(ids):
-        raise NucleisegError(f"params.yaml: data.val_images={val_images} must be between 0 and {len(ids) - 1} (there are {len(ids)} training images)")
+def fold_count(n_images: int, val_images: int) -> int:
+    return n_images // val_images
+
+
+def split_ids(ids: list[str], val_images: int, seed: int, fold: int | str = 0) -> dict[str, list[str]]:
+    """Hold out fold `fold`'s `val_images` whole images; they never reach training.
+
+    The images are shuffled once with `seed`; fold k holds out the k-th block of `val_images`
+    of that order, so the n // val_images folds hold out disjoint sets (fold 0 is the first block,
+    the split this function made before folds existed). When val_images does not divide n, the
+    last n % val_images images of the order are never held out. fold 'all' holds out nothing.
+    """
+    if fold == "all":
+        return {"train": sorted(ids), "val": []}
+    if not 1 <= val_images < len(ids):
+        raise NucleisegError(f"params.yaml: data.val_images={val_images} must be between 1 and {len(ids) - 1} (there are {len(ids)} training images)")
+    folds = fold_count(len(ids), val_images)
+    if not 0 <= fold < folds:
+        raise NucleisegError(
+            f"params.yaml: data.fold = {fold} is out of range: {len(ids)} training images with data.val_images = {val_images} "
+            f"make {folds} fold(s), 0 to {folds - 1}; set data.fold to one of them (or 'all' for the final model)"
+        )
     shuffled = sorted(ids)
     random.Random(seed).shuffle(shuffled)
-    val = sorted(shuffled[:val_images])
+    val = sorted(shuffled[fold * val_images : (fold + 1) * val_images])
     return {"train": sorted(set(ids) - set(val)), "val": val}
 
 

@@ -70,18 +70,27 @@ def coco_records(annotations_path: str | Path) -> list[coco.ImageRecord]:
 
 def evaluate_predictions(raw_dir: Path, split_file: Path, predictions_dir: Path, cfg: EvaluateConfig, score_floor: float,
                          test_annotations: str | None = None, outputs: EvaluateOutputs | None = None) -> dict:
-    """The evaluate stage: val metrics with the operating point chosen on val, test metrics at that
-    point when test ground truth is given, PR and threshold curves, overlays. Everything is
-    computed before the first output is written; each output is written atomically."""
+    """The evaluate stage: val metrics with the operating point chosen on val (or evaluate.score_threshold
+    when set), test metrics at that point when test ground truth is given, PR and threshold curves,
+    overlays. Without val images (data.fold: all) there is nothing to score on val: the operating point
+    is evaluate.score_threshold, and the curves and overlays are empty. Everything is computed before
+    the first output is written; each output is written atomically."""
     outputs = outputs or EvaluateOutputs()
     val_names = read_json(split_file)["val"]
-    if not val_names:
-        raise NucleisegError(f"{split_file}: no val images to evaluate; set data.val_images >= 1")
-    samples = [load_train_sample(raw_dir, name) for name in val_names]
-    records = val_records(samples)
-    val = evaluate(records, read_json(predictions_dir / "val.json"), cfg.max_dets_all, cfg.operating_metric, score_floor=score_floor)
-    metrics = dict(val.metrics)
+    samples, records, val = [], [], None
+    if val_names:
+        samples = [load_train_sample(raw_dir, name) for name in val_names]
+        records = val_records(samples)
+        val = evaluate(records, read_json(predictions_dir / "val.json"), cfg.max_dets_all, cfg.operating_metric,
+                       score_threshold=cfg.score_threshold, score_floor=score_floor)
+        metrics = dict(val.metrics)
+    elif cfg.score_threshold is None:
+        raise NucleisegError(f"{split_file}: no val images (data.fold: all), so no operating point can be chosen on val; "
+                             "set evaluate.score_threshold (the folds' mean from `python -m nucleiseg report`)")
+    else:
+        metrics = {"val_images": 0, "score_threshold": cfg.score_threshold}
     threshold = metrics["score_threshold"]
+    chosen_on = "val" if val is not None and cfg.score_threshold is None else "evaluate.score_threshold"
     if test_annotations:
         test = evaluate(coco_records(test_annotations), read_json(predictions_dir / "test.json"), cfg.max_dets_all,
                         cfg.operating_metric, score_threshold=threshold)
@@ -93,10 +102,10 @@ def evaluate_predictions(raw_dir: Path, split_file: Path, predictions_dir: Path,
         out.mkdir()
         for name, picture in overlays.items():
             Image.fromarray(picture).save(out / f"{name}.png")
-    _write_csv(outputs.pr_curve, ["recall", "precision"], val.pr_curve)
-    _write_csv(outputs.sweep, SWEEP_COLUMNS, [[row[k] for k in SWEEP_COLUMNS] for row in val.sweep])
+    _write_csv(outputs.pr_curve, ["recall", "precision"], val.pr_curve if val else [])
+    _write_csv(outputs.sweep, SWEEP_COLUMNS, [[row[k] for k in SWEEP_COLUMNS] for row in val.sweep] if val else [])
     write_json(outputs.operating_point, {"score_threshold": threshold, "metric": cfg.operating_metric,
-                                         "value": metrics[cfg.operating_metric], "chosen_on": "val"})
+                                         "value": metrics.get(cfg.operating_metric), "chosen_on": chosen_on})
     write_json(outputs.metrics, metrics)
     return metrics
 
@@ -123,7 +132,9 @@ def log_evaluation(run_id: str, metrics: dict, outputs, answer: Path | None = No
         return {f"{prefix}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     with active_run(run_id):
-        mlflow.log_metrics({**numbers(metrics, "val"), **numbers(metrics.get("test", {}), "test")})
+        # A run without val images (data.fold: all) logs no val/ metrics: the report's fold means stay folds only.
+        val = numbers(metrics, "val") if metrics.get("val_images") != 0 else {}
+        mlflow.log_metrics({**val, **numbers(metrics.get("test", {}), "test")})
         mlflow.log_artifact(str(outputs.operating_point))
         mlflow.log_artifact(str(outputs.pr_curve), artifact_path="plots")
         mlflow.log_artifact(str(outputs.sweep), artifact_path="plots")

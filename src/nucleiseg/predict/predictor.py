@@ -1,4 +1,4 @@
-"""Whole-image prediction: sliding windows, optional flip TTA, seam-free stitching.
+"""Whole-image prediction: sliding windows, optional test-time augmentation (`tta`), seam-free stitching.
 
 The infer stage and `nucleiseg predict` both go through `Predictor.predict`.
 """
@@ -22,19 +22,7 @@ from nucleiseg.predict.postprocess import (
     to_tensor,
 )
 from nucleiseg.predict.stitch import deduplicate, merge_windows
-
-# Flips as (horizontal, vertical); TTA runs all four and merges them by mask NMS.
-TTA_FLIPS = [(False, False), (True, False), (False, True), (True, True)]
-
-
-def _unflip(inst: Instance, hflip: bool, vflip: bool, size: int) -> Instance:
-    mask = inst.mask
-    x0, y0 = inst.x0, inst.y0
-    if hflip:
-        mask, x0 = mask[:, ::-1], size - inst.x1
-    if vflip:
-        mask, y0 = mask[::-1, :], size - inst.y1
-    return Instance(np.ascontiguousarray(mask), x0, y0, inst.score, dict(inst.extra))
+from nucleiseg.predict.tta import TRANSFORMS, apply, invert, vote
 
 
 class Predictor:
@@ -52,26 +40,22 @@ class Predictor:
 
     def _predict_windows(self, crops: list[np.ndarray], size: int) -> list[list[Instance]]:
         """Instances per window crop, in window coordinates."""
-        flips = TTA_FLIPS if self.cfg.tta else TTA_FLIPS[:1]
-        per_crop: list[list[Instance]] = [[] for _ in crops]
-        for hflip, vflip in flips:
+        transforms = TRANSFORMS[self.cfg.tta]
+        # per_pass[k][t]: window k's instances from transform t, in window coordinates
+        per_pass: list[list[list[Instance]]] = [[] for _ in crops]
+        for turns, mirror in transforms:
             # Float tensors one batch at a time: all windows at once would cost ~14x the uint8 image.
             for start in range(0, len(crops), self.cfg.batch_size):
-                tensors = []
-                for crop in crops[start : start + self.cfg.batch_size]:
-                    tensor = to_tensor(crop)
-                    if hflip:
-                        tensor = tensor.flip(-1)
-                    if vflip:
-                        tensor = tensor.flip(-2)
-                    tensors.append(tensor)
+                tensors = [apply(to_tensor(crop), turns, mirror) for crop in crops[start : start + self.cfg.batch_size]]
                 outputs = predict_batch(self.model, tensors, self.device, self.cfg.score_threshold)
                 for k, output in enumerate(outputs):
-                    found = self._to_instances(output, size)
-                    per_crop[start + k] += [_unflip(inst, hflip, vflip, size) for inst in found]
-        if self.cfg.tta:
-            per_crop = [deduplicate(found, self.cfg.dedup_iou, self.cfg.dedup_ios) for found in per_crop]
-        return per_crop
+                    per_pass[start + k].append([invert(inst, turns, mirror, size) for inst in self._to_instances(output, size)])
+        if self.cfg.tta == "d4":
+            min_area = max(self.cfg.min_area, 1)  # a voted mask can come out smaller than every member
+            return [[inst for inst in vote(passes) if inst.area >= min_area] for passes in per_pass]
+        if self.cfg.tta == "flip":
+            return [deduplicate([inst for found in passes for inst in found], self.cfg.dedup_iou, self.cfg.dedup_ios) for passes in per_pass]
+        return [passes[0] for passes in per_pass]
 
     def predict(self, image: np.ndarray) -> list[Instance]:
         """Instances of a whole H x W x 3 uint8 image, best score first."""

@@ -25,6 +25,8 @@ Three things MLflow does not do for a per-repository SQLite store, done here:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import platform
@@ -370,6 +372,28 @@ def run_tags(backbone: str, device: str, data_source: str | None = None) -> dict
         tags["git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit
     return {k: v for k, v in tags.items() if v != ""}
+
+
+# Params a recipe is not: what cross-validation varies (the fold, and the seed that shuffles the folds);
+# the fixed operating point, which the all-data model (data.fold: all) must set and its fold runs leave to
+# their val (so they share a recipe); and what cannot change a model or its val metrics (where it runs,
+# loader processes, how many overlays are drawn, the optional test ground truth).
+RECIPE_EXCLUDED = ("data.fold", "seed", "evaluate.score_threshold", "device", "train.workers", "evaluate.overlays",
+                   "data.test_annotations")
+
+
+def recipe_id(flat_params: dict) -> str:
+    """A short hash of every param except RECIPE_EXCLUDED: the runs of one recipe over folds (and seeds) share it.
+
+    Values are hashed as MLflow logs them (str), so it can be recomputed from a run's logged params.
+    """
+    kept = {k: str(v) for k, v in flat_params.items() if k not in RECIPE_EXCLUDED}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def recipe_tags(params) -> dict[str, str]:
+    """`fold` (a number, or 'all' for the final model) and `recipe`: group by them in the MLflow UI."""
+    return {"fold": str(params.data.fold), "recipe": recipe_id(params.flat())}
 
 
 def run_name(backbone: str, data_source: str | None = None) -> str:

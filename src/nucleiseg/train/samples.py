@@ -7,7 +7,8 @@ only its pixels are resampled (nearest neighbour for labels, the same source pix
 torchvision's nearest resize of the whole window would pick). Boxes come from the
 transformed labels; the per-instance masks Mask R-CNN wants are expanded from the
 label map by `expand_masks`, on the training device, after the batch left the
-loader.
+loader. Colour: an optional stain jitter in HED space (`stain_jitter`, H&E colour varies
+between labs and scanners), then brightness/contrast/saturation/hue jitter.
 
 Randomness comes from a generator seeded with (seed, epoch, index): the same
 sample gets the same augmentation whatever the worker count, and a resumed run
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
+from skimage.color import hed_from_rgb, rgb_from_hed
 from torchvision.transforms.v2 import functional as TF
 
 from nucleiseg.core.config import AugmentConfig
@@ -45,11 +47,16 @@ class AugmentParams:
     vflip: bool
     rot90: int  # counter-clockwise quarter turns
     jitter: tuple[tuple[str, float], ...]  # (adjustment, factor) in the order applied
+    stain: tuple[tuple[float, float], ...] = ()  # (factor, shift) of the H, E and D densities; () = off
 
 
 def draw_params(rng: np.random.Generator, size: int, cfg: AugmentConfig) -> AugmentParams:
     lo, hi = cfg.scale
-    scaled = max(1, round(size * (lo + (hi - lo) * rng.random())))
+    if cfg.scale_sampling == "log_uniform":  # as likely to zoom out by x as in by x
+        factor = math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * rng.random())
+    else:
+        factor = lo + (hi - lo) * rng.random()
+    scaled = max(1, round(size * factor))
     crop = int(cfg.crop) or scaled
     # A crop larger than the scaled window is padded around it (PAD_VALUE, no labels).
     top = int(rng.integers(0, scaled - crop + 1)) if scaled >= crop else -int(rng.integers(0, crop - scaled + 1))
@@ -69,7 +76,11 @@ def draw_params(rng: np.random.Generator, size: int, cfg: AugmentConfig) -> Augm
         order = rng.permutation(len(factors))
         names = list(factors)
         jitter = tuple((names[i], float(factors[names[i]])) for i in order)
-    return AugmentParams(scaled, top, left, crop, hflip, vflip, rot90, jitter)
+    stain: tuple = ()
+    if cfg.stain:  # drawn last: the other draws stay what they were without it
+        s = float(cfg.stain)
+        stain = tuple((float(f), float(b)) for f, b in zip(rng.uniform(1 - s, 1 + s, 3), rng.uniform(-s, s, 3)))
+    return AugmentParams(scaled, top, left, crop, hflip, vflip, rot90, jitter, stain)
 
 
 def nearest_source(start: int, count: int, scaled: int, size: int) -> np.ndarray:
@@ -116,6 +127,32 @@ def _orient(array: np.ndarray, p: AugmentParams) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+HED_FROM_RGB = np.asarray(hed_from_rgb, np.float32)
+RGB_FROM_HED = np.asarray(rgb_from_hed, np.float32)
+
+
+def stain_jitter(pixels: np.ndarray, stain: tuple[tuple[float, float], ...]) -> np.ndarray:
+    """3 x H x W uint8 with each stain's optical density (natural log) scaled and shifted: d' = d * factor + shift.
+
+    The colour deconvolution is skimage's H&E-DAB one (Ruifrok & Johnston), through its matrices rather than
+    rgb2hed/hed2rgb: rgb2hed clips negative densities, so even factor 1, shift 0 would change pixels (by up
+    to 26 levels on the synthetic images); this way the identity is exact.
+    """
+    density = -np.log(np.maximum(pixels.astype(np.float32) / 255.0, 1e-6))
+    stains = np.einsum("chw,cd->dhw", density, HED_FROM_RGB)
+    factors, shifts = np.asarray(stain, np.float32).T
+    stains = stains * factors[:, None, None] + shifts[:, None, None]
+    rgb = np.exp(-np.einsum("dhw,dc->chw", stains, RGB_FROM_HED))
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def padding(p: AugmentParams, size: int) -> np.ndarray:
+    """crop x crop bool, True where the output is padding (outside the scaled window), oriented like the pixels."""
+    rows = nearest_source(p.top, p.crop, p.scaled, size) < 0
+    cols = nearest_source(p.left, p.crop, p.scaled, size) < 0
+    return _orient((rows[:, None] | cols[None, :])[None], p)[0]
+
+
 _ADJUST = {
     "brightness": TF.adjust_brightness,
     "contrast": TF.adjust_contrast,
@@ -127,7 +164,11 @@ _ADJUST = {
 def augment(image: np.ndarray, labels: np.ndarray, p: AugmentParams) -> tuple[torch.Tensor, np.ndarray]:
     """(3 x crop x crop uint8 tensor, L x crop x crop labels) for one draw."""
     pixels = _resize_crop_image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), p)
-    pixels = torch.from_numpy(_orient(pixels.numpy(), p))
+    oriented = _orient(pixels.numpy(), p)
+    if p.stain:
+        oriented = stain_jitter(oriented, p.stain)
+        oriented[:, padding(p, image.shape[0])] = PAD_VALUE  # padding stays what inference pads with
+    pixels = torch.from_numpy(oriented)
     for name, factor in p.jitter:
         pixels = _ADJUST[name](pixels, factor)
     return pixels, _orient(_resize_crop_labels(labels, p), p)

@@ -110,8 +110,10 @@ def epoch_metrics(row: dict) -> dict[str, float]:
     return out
 
 
-def _validator(params: Params, inputs: TrainInputs, device: torch.device) -> WholeImageValidator:
+def _validator(params: Params, inputs: TrainInputs, device: torch.device) -> WholeImageValidator | None:
     names = read_json(inputs.split)["val"]
+    if not names:  # data.fold: all (the final model): no val, the last epoch's weights are kept
+        return None
     samples = [load_train_sample(inputs.raw, name) for name in names]
     return WholeImageValidator(samples, params.infer, params.evaluate, device)
 
@@ -152,7 +154,7 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
     import mlflow
 
     data_source = source_record(inputs.raw)["source"]
-    tags = tracking.run_tags(mcfg.backbone, str(device), data_source)
+    tags = {**tracking.run_tags(mcfg.backbone, str(device), data_source), **tracking.recipe_tags(params)}
     # A failure below must leave neither a half set of outputs nor a run.json naming an earlier training's run.
     for stale in (outputs.model, outputs.run):
         stale.unlink(missing_ok=True)
@@ -160,13 +162,15 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
         tracking.log_dataset(data_source)
         if resumed_run is None:
             tracking.log_params(params.flat())
-            mlflow.log_params({"train_windows": len(train_set), "val_images": len(validate.samples), "world_size": dist.world_size})
+            mlflow.log_params({"train_windows": len(train_set), "val_images": len(validate.samples) if validate is not None else 0, "world_size": dist.world_size})
         result = fit(
             model, train_set, tcfg, device, seed, validate, ckpt_path,
             on_epoch_end=lambda row: mlflow.log_metrics(epoch_metrics(row), step=row["epoch"]),
             extra_state={"mlflow_run_id": run.info.run_id},
             dist=dist, show_progress=show_progress,
         )
+        if validate is None:
+            result.best_epoch, result.best_state = tcfg.epochs, model.state_dict()
         best_row = next((r for r in result.history if r["epoch"] == result.best_epoch), {})
         metrics = {
             "best_epoch": result.best_epoch,
