@@ -19,11 +19,11 @@ from nucleiseg.core.windows import PAD_VALUE, Window, window_instances
 from nucleiseg.data.synthetic import synth_image
 from nucleiseg.data.tile_store import label_layers, window_instances_from_labels
 from nucleiseg.train.samples import (
+    HED_FROM_RGB,
     MIN_MASK_PIXELS,
     EpochBatches,
     EpochSampler,
     TileDataset,
-    HED_FROM_RGB,
     augment,
     draw_params,
     expand_masks,

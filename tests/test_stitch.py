@@ -14,8 +14,7 @@ from nucleiseg.core.masks import Instance, paste, to_rle
 from nucleiseg.core.windows import axis_cores, window_starts, windows
 from nucleiseg.data.synthetic import synth_image
 from nucleiseg.evaluate.metrics import coco_segm_metrics
-from nucleiseg.predict import stitch
-from nucleiseg.predict import tta
+from nucleiseg.predict import stitch, tta
 from nucleiseg.predict.predictor import Predictor
 
 WINDOW, OVERLAP = 96, 40  # overlap > largest synthetic nucleus (radius 14 -> 28 px)
@@ -366,8 +365,8 @@ def test_predictor_d4_returns_the_ground_truth_for_an_equivariant_model(rectangl
 class CornerArtefactOracle(RectangleOracle):
     """The rectangle oracle plus one false 5 x 5 detection in the top-left corner of whatever it is shown: not equivariant."""
 
-    def forward(self, images):
-        out = super().forward(images)
+    def detect(self, images, score_floor):
+        out = super().detect(images, score_floor)
         for o in out:
             o["boxes"] = torch.cat([o["boxes"], torch.tensor([[*self._axis(1, 6), *self._axis(1, 6)]], dtype=torch.float32)[:, [0, 2, 1, 3]]])
             o["scores"] = torch.cat([o["scores"], torch.tensor([0.9])])
