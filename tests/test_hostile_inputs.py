@@ -462,9 +462,9 @@ def test_a_loader_worker_error_ends_the_process(tiny_tiles, tmp_path, stage_envi
     shutil.copytree(tiny_tiles, tiles)
     script = (
         "import shutil, sys\n"
-        "from nucleiseg.dataset import EpochBatches, EpochSampler, TileDataset\n"
-        "from nucleiseg.engine import build_loader, next_batch\n"
-        "from nucleiseg.errors import main_guard\n"
+        "from nucleiseg.train.samples import EpochBatches, EpochSampler, TileDataset\n"
+        "from nucleiseg.train.loop import build_loader, next_batch\n"
+        "from nucleiseg.core.errors import main_guard\n"
         "def train():\n"
         "    dataset = TileDataset(sys.argv[1], 'train')\n"
         "    shutil.rmtree(sys.argv[1])\n"
