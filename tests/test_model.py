@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nucleiseg.model as model_mod
-from nucleiseg.config import ModelConfig
+from nucleiseg.config import InferConfig, ModelConfig
 from nucleiseg.errors import NucleisegError
 from nucleiseg.inference import detections_to_instances
 from nucleiseg.model import REGISTRY, WindowTransform, build_model, load_trained, raw_mask_outputs
@@ -254,8 +254,12 @@ def test_trained_model_file_round_trips(r18, small_cfg, tmp_path):
 def test_model_file_keeps_the_resolved_norm(small_cfg, tmp_path):
     """A model file names its norm, so it reloads the same layers; older files that say `auto` are read off
     their weights (a trainable-BN model from before GroupNorm became auto's from-scratch choice)."""
-    saved = model_mod.model_file({}, small_cfg("resnet18"), best_epoch=2)
+    saved = model_mod.model_file({}, small_cfg("resnet18"), best_epoch=2, infer=InferConfig(window=256, overlap=96))
     assert saved["model_config"]["norm"] == "groupnorm" and saved["best_epoch"] == 2
+    assert model_mod.saved_infer_config(saved, "m.pt") == InferConfig(window=256, overlap=96)  # what predict starts from
+    assert model_mod.saved_infer_config({"model": {}}, "m.pt") is None  # files from before it was saved
+    with pytest.raises(NucleisegError, match=r"m.pt \(saved infer settings\): infer.window = 8 is not allowed"):
+        model_mod.saved_infer_config({"infer_config": {"window": 8}}, "m.pt")
     torch.manual_seed(0)
     bn = build_model(small_cfg("resnet18", norm="batchnorm"))
     for norm, model in (("batchnorm", bn), ("frozen", build_model(small_cfg("resnet18", norm="frozen"))),

@@ -1,6 +1,5 @@
-"""tracking: the experiment's UI tags, clear errors for a broken or missing store, run tags, quiet log_model."""
+"""tracking: the experiment's UI tags, clear errors for a broken or missing store, run tags."""
 
-import logging
 import os
 
 import pytest
@@ -118,29 +117,3 @@ def test_log_dataset_names_the_data_in_the_runs_table(repo):
     (logged,) = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
     assert logged.dataset.name == "nuclei-hw3-train.zip" and "/home/someone" not in logged.dataset.source
     assert {t.key: t.value for t in logged.tags}["mlflow.data.context"] == "training"
-
-
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def test_log_model_drops_only_the_pickle_warning(repo):
-    import torch
-
-    handler = Records()
-    mlflow_log = logging.getLogger("mlflow.pytorch")
-    mlflow_log.addHandler(handler)
-    try:
-        with tracking.active_run(name="model"):
-            tracking.log_model(torch.nn.Linear(2, 1))
-        mlflow_log.warning("another warning")
-    finally:
-        mlflow_log.removeHandler(handler)
-    assert not [m for m in handler.messages if m.startswith(tracking.PICKLE_WARNING)]
-    assert "another warning" in handler.messages
-    assert not mlflow_log.filters

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nucleiseg import engine, training
+from nucleiseg.cli import load_model
 from nucleiseg.config import AugmentConfig
 from nucleiseg.dataset import TileDataset
 from nucleiseg.errors import NucleisegError
@@ -367,6 +368,7 @@ def test_run_training_keeps_the_best_val_epoch_and_logs_a_complete_mlflow_run(ti
     assert [line.split(",")[2] for line in curves[1:]] == ["0.9", "0.1"]
     saved = torch.load(out.model, weights_only=True)  # plain data: loads without unpickling code
     assert saved["model_config"] == {**dataclasses.asdict(params.model), "norm": "groupnorm"} and saved["best_epoch"] == 1
+    assert saved["infer_config"] == dataclasses.asdict(params.infer)  # what validation used; nucleiseg predict starts from it
     assert_same_state(saved["model"], seen[1])
     assert differs(saved["model"], seen[2])
     assert not training.checkpoint_path(params, inputs(tiny_data).split).exists(), "resume checkpoint left behind after success"
@@ -404,10 +406,11 @@ def test_run_training_keeps_the_best_val_epoch_and_logs_a_complete_mlflow_run(ti
     assert [m.source_run_id for m in logged] == [run.info.run_id]
     assert logged[0].name == "model"
     files = {a.path for a in client.list_logged_model_artifacts(logged[0].model_id)}
-    assert "MLmodel" in files
+    assert {"MLmodel", "mlflow_model.py", "artifacts"} <= files  # models-from-code + the tensor file, no pickle
     mlflow.set_tracking_uri(run_info["tracking_uri"])
-    reloaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    reloaded, reloaded_file = load_model(f"runs:/{run.info.run_id}/model", "cpu")  # what nucleiseg predict loads
     assert_same_state(reloaded.state_dict(), saved["model"])
+    assert reloaded_file["infer_config"] == dataclasses.asdict(params.infer)
 
 
 def test_crash_inside_the_run_marks_it_failed(tiny_data, mlflow_store, make_params, monkeypatch):

@@ -29,7 +29,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .config import ModelConfig, model_config_from_dict
+from .config import InferConfig, ModelConfig, model_config_from_dict, params_from_dict
 from .errors import NucleisegError
 
 log = logging.getLogger(__name__)
@@ -292,12 +292,23 @@ def _state_mismatch(own: dict, state: dict) -> str | None:
     return f"unexpected {extra[0]}" if extra else None
 
 
-def model_file(state: dict, cfg: ModelConfig, best_epoch: int) -> dict:
+def model_file(state: dict, cfg: ModelConfig, best_epoch: int, infer: InferConfig) -> dict:
     """What models/model.pt holds (read back by `load_trained`). Its config keeps the norm resolved,
     so that loading rebuilds the same layers whatever `auto` means then, and without downloading
-    the weights training started from."""
+    the weights training started from. `infer` is what the train stage's validation predicted with
+    (`saved_infer_config`): `nucleiseg predict` starts from it, so a model is used as it was judged."""
     config = dataclasses.asdict(dataclasses.replace(cfg, norm=resolve_norm(cfg)))
-    return {"model": state, "model_config": config, "best_epoch": best_epoch}
+    return {"model": state, "model_config": config, "best_epoch": best_epoch, "infer_config": dataclasses.asdict(infer)}
+
+
+def saved_infer_config(ckpt: dict, source: str) -> InferConfig | None:
+    """The infer settings saved in a model file (None in files written before they were saved), checked like params.yaml's."""
+    values = ckpt.get("infer_config")
+    if values is None:
+        return None
+    if not isinstance(values, dict):
+        raise NucleisegError(f"{source}: its infer_config is not a mapping; the file is damaged or was edited, retrain it")
+    return params_from_dict({"infer": values}, f"{source} (saved infer settings)").infer
 
 
 def _norm_of_state(state: dict) -> str:

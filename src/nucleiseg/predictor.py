@@ -38,10 +38,12 @@ class Predictor:
     """Whole-image instances from a model in eval mode on `device`; the model is not changed
     (the detector's score threshold is set only for the duration of each forward pass)."""
 
-    def __init__(self, model: torch.nn.Module, cfg: InferConfig, device: torch.device | str = "cpu"):
+    def __init__(self, model: torch.nn.Module, cfg: InferConfig, device: torch.device | str = "cpu", progress: bool = False):
         self.model = model
         self.cfg = cfg
         self.device = torch.device(device)
+        # A bar per image over its windows (nucleiseg predict): a large image on a CPU takes minutes.
+        self.progress = progress
 
     def _to_instances(self, output: dict, size: int, offset=(0, 0)) -> list[Instance]:
         cfg = self.cfg
@@ -51,6 +53,9 @@ class Predictor:
         """Instances per window crop, in window coordinates."""
         flips = TTA_FLIPS if self.cfg.tta else TTA_FLIPS[:1]
         per_crop: list[list[Instance]] = [[] for _ in crops]
+        passes = len(flips) * len(crops)
+        shown = self.progress and passes > self.cfg.batch_size
+        bar = tqdm(total=passes, desc="windows", unit="window", leave=False, disable=None if shown else True)
         for hflip, vflip in flips:
             # Float tensors one batch at a time: all windows at once would cost ~14x the uint8 image.
             for start in range(0, len(crops), self.cfg.batch_size):
@@ -66,6 +71,8 @@ class Predictor:
                 for k, output in enumerate(outputs):
                     found = self._to_instances(output, size)
                     per_crop[start + k] += [_unflip(inst, hflip, vflip, size) for inst in found]
+                bar.update(len(tensors))
+        bar.close()
         if self.cfg.tta:
             per_crop = [deduplicate(found, self.cfg.dedup_iou, self.cfg.dedup_ios) for found in per_crop]
         return per_crop

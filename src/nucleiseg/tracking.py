@@ -55,7 +55,7 @@ EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",
     "mlflow.note.content": (
         "Nuclei instance segmentation with Mask R-CNN: one run per trained model. The train stage "
-        "creates the run (params, per-epoch train/ metrics, weights, model); the evaluate stage adds "
+        "creates the run (params, per-epoch train/ metrics, the model with its weights); the evaluate stage adds "
         "val/ metrics (val/ap50 = leaderboard-style AP50 with the top 100 detections per image; "
         "val/ap50_all, val/f1, val/aji, val/pq) and overlays.\n\n"
         "Run names read `<DVC experiment> · <backbone> · <data source>` (`<backbone> · <data source>` outside DVC "
@@ -379,34 +379,37 @@ def log_params(params: dict) -> None:
     mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
 
 
+# What the logged model's code imports (nucleiseg's predict path): pinned to the versions installed here.
+MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy", "scipy", "pillow", "tifffile", "pycocotools", "pyyaml", "tqdm")
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # the models-from-code file (see its docstring)
+MODEL_FILE = "artifacts/model.pt"  # the tensor-only model file inside a logged model; what `nucleiseg predict` loads
+
+
 def pip_requirements() -> list[str]:
-    import torch
-    import torchvision
+    from importlib.metadata import version
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}", "numpy"]
-
-
-PICKLE_WARNING = "Saving pytorch model by Pickle or CloudPickle format"
+    return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
 
 
-class _DropPickleWarning(logging.Filter):
-    """MLflow's advice to use pt2 cannot be followed (pt2 export fails on Mask R-CNN)."""
+def log_model(model_file: Path, name: str = "model") -> None:
+    """The run's logged model (MLflow's "Logged models"): models-from-code, never a pickle.
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(PICKLE_WARNING)
+    It holds the tensor-only model file (`artifacts/model.pt`, models/model.pt as the train stage
+    wrote it), `mlflow_model.py` and the nucleiseg package as code, and pinned requirements.
+    `nucleiseg predict --model runs:/<id>/model` downloads only artifacts/model.pt and loads it with
+    torch.load(weights_only=True); `mlflow.pyfunc.load_model` runs the logged code, as any pyfunc
+    does, so it is for runs whose store you trust.
+    """
+    import warnings
 
+    import mlflow.pyfunc
 
-def log_model(model, name: str = "model") -> None:
-    """The model as an MLflow pytorch flavour (pickle: the default pt2 export fails on Mask R-CNN)."""
-    import mlflow.pytorch
-
-    mlflow_log = logging.getLogger("mlflow.pytorch")
-    quiet = _DropPickleWarning()
-    mlflow_log.addFilter(quiet)
-    try:
-        mlflow.pytorch.log_model(model.cpu(), name=name, serialization_format="pickle", pip_requirements=pip_requirements())
-    finally:
-        mlflow_log.removeFilter(quiet)
+    with warnings.catch_warnings():  # MLflow asks for an input example; an image path list has none worth storing
+        warnings.filterwarnings("ignore", message=".*(input example|signature).*", category=UserWarning)
+        mlflow.pyfunc.log_model(
+            name=name, python_model=str(MODEL_CODE), artifacts={"model": str(model_file)},
+            code_paths=[str(Path(__file__).parent)], pip_requirements=pip_requirements(),
+        )
 
 
 def log_evaluation(run_id: str, metrics: dict, outputs, answer: Path | None = None) -> None:

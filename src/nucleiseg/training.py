@@ -166,7 +166,7 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
         }
         model.load_state_dict(result.best_state)
         with atomic_path(outputs.model) as tmp:
-            torch.save(model_file(result.best_state, mcfg, result.best_epoch), tmp)
+            torch.save(model_file(result.best_state, mcfg, result.best_epoch, params.infer), tmp)
         metrics["stage_seconds"] = time.perf_counter() - stage_started
         write_json(outputs.metrics, metrics)
         write_curves(result.history, outputs.curves)
@@ -175,7 +175,7 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
         plot_curves(result.history, curves_png)
         mlflow.log_artifact(str(curves_png), artifact_path="plots")
         curves_png.unlink()
-        tracking.log_model(model)
+        tracking.log_model(outputs.model)
         write_json(outputs.run, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": tracking.tracking_uri()})
     log.info("trained %s in %.0f s; best epoch %d", mcfg.backbone, time.perf_counter() - stage_started, result.best_epoch)
     ckpt_path.unlink(missing_ok=True)
