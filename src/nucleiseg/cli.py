@@ -450,9 +450,13 @@ def predict_command(args) -> int:
 def report_command(args) -> int:
     from .report import write_report
 
+    from . import tracking
+
     text = write_report(Path(args.out))
     sys.stdout.write(text)
     log.info("wrote %s", args.out)
+    where = f"{tracking.UI_COMMAND} (from the repository root), then open" if tracking.uses_local_store() else "open"
+    log.info("MLflow runs table: %s %s", where, tracking.ui_url(tracking.configure()))
     return 0
 
 

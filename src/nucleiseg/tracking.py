@@ -25,6 +25,7 @@ Three things MLflow does not do for a per-repository SQLite store, done here:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -59,12 +60,34 @@ EXPERIMENT_TAGS = {
         "val/ metrics (val/ap50 = leaderboard-style AP50 with the top 100 detections per image; "
         "val/ap50_all, val/f1, val/aji, val/pq) and overlays.\n\n"
         "Run names read `<DVC experiment> · <backbone> · <data source>` (`<backbone> · <data source>` outside DVC "
-        "experiments); the Dataset column names the data too. To compare runs, "
-        "add the columns val/ap50 and the tags backbone and data_source (Columns button), or run "
-        "`python -m nucleiseg report` for the results table in reports/results.md. "
+        "experiments); the Dataset column names the data too. `nucleiseg report` prints the URL that opens "
+        "this table with backbone, data.source, val/ap50, val/ap50_all, val/f1 and val/pq as columns, best "
+        "val/ap50 first, and writes the results table to reports/results.md. "
         "Runs with data_source=synthetic are the offline demo, not results on the homework data."
     ),
 }
+
+# MLflow 3's runs table shows no params or metrics until columns are picked. It restores a shared
+# view from the experiment tag `mlflow.sharedViewState.<key>` when the URL carries
+# `?viewStateShareKey=<key>` (`ui_url`): the columns that compare runs, best val/ap50 first.
+VIEW_KEY = "nucleiseg"
+RUNS_VIEW = {
+    "selectedColumns": ["params.`backbone`", "params.`data.source`", "metrics.`val/ap50`", "metrics.`val/ap50_all`",
+                        "metrics.`val/f1`", "metrics.`val/pq`"],
+    "orderByKey": "metrics.`val/ap50`",
+    "orderByAsc": False,
+}
+EXPERIMENT_TAGS[f"mlflow.sharedViewState.{VIEW_KEY}"] = json.dumps(RUNS_VIEW)
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+UI_COMMAND = "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db"
+
+
+def ui_url(experiment_id: str) -> str:
+    """The experiment's runs table with the shared view's columns: in `mlflow ui` on this store, or
+    on the tracking server when MLFLOW_TRACKING_URI names one."""
+    uri = tracking_uri()
+    address = uri.rstrip("/") if not uses_local_store() and uri.startswith(("http://", "https://")) else UI_ADDRESS
+    return f"{address}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
 
 # (table, column) pairs of MLflow's SQL schema that hold absolute artifact locations.
 ARTIFACT_COLUMNS = (
@@ -178,6 +201,29 @@ def _experiment(client, name: str):
     return experiment
 
 
+def _retire_default(client) -> None:
+    """Hide the empty `Default` experiment MLflow puts in every new store.
+
+    MLflow creates experiment 0 with each store, its artifact location resolved from the working
+    folder of whichever process created the store: under `dvc exp run --temp` a copy deleted
+    afterwards. nucleiseg logs only into its own experiment, so an empty Default is pointed at this
+    store's artifacts and deleted (`mlflow experiments restore --experiment-id 0` brings it back);
+    the UI then lists only the project's experiment. One with runs is left alone.
+    """
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
+    try:
+        default = client.get_experiment("0")
+    except MlflowException:  # removed from the database by hand: nothing to hide
+        return
+    if default.lifecycle_stage != "active" or client.search_runs(["0"], run_view_type=ViewType.ALL, max_results=1):
+        return
+    with closing(sqlite3.connect(store_db(), timeout=60)) as conn, conn:
+        conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (artifact_root_uri(),))
+    client.delete_experiment("0")
+
+
 def _add_missing_tags(client, experiment) -> None:
     """Experiments made before EXPERIMENT_TAGS existed get them; tags a user edited are kept."""
     for key, value in EXPERIMENT_TAGS.items():
@@ -249,6 +295,8 @@ def _open(uri: str, name: str):
         client = MlflowClient(uri)
         found = _experiment(client, name)
         _add_missing_tags(client, found)
+        if uri == local_store_uri():
+            _retire_default(client)
     except NucleisegError:
         raise
     except Exception as exc:  # sqlalchemy / alembic / MlflowException / connection errors
@@ -404,12 +452,21 @@ def log_model(model_file: Path, name: str = "model") -> None:
 
     import mlflow.pyfunc
 
-    with warnings.catch_warnings():  # MLflow asks for an input example; an image path list has none worth storing
-        warnings.filterwarnings("ignore", message=".*(input example|signature).*", category=UserWarning)
-        mlflow.pyfunc.log_model(
-            name=name, python_model=str(MODEL_CODE), artifacts={"model": str(model_file)},
-            code_paths=[str(Path(__file__).parent)], pip_requirements=pip_requirements(),
-        )
+    # MLflow draws a download bar while it copies the weights into the model: noise in the stage's log.
+    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        with warnings.catch_warnings():  # MLflow asks for an input example; an image path list has none worth storing
+            warnings.filterwarnings("ignore", message=".*(input example|signature).*", category=UserWarning)
+            mlflow.pyfunc.log_model(
+                name=name, python_model=str(MODEL_CODE), artifacts={"model": str(model_file)},
+                code_paths=[str(Path(__file__).parent)], pip_requirements=pip_requirements(),
+            )
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
 
 
 def log_evaluation(run_id: str, metrics: dict, outputs, answer: Path | None = None) -> None:
