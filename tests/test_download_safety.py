@@ -15,7 +15,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import nucleiseg.download as download
 from nucleiseg.data import load_test_index, train_ids
@@ -356,6 +358,55 @@ def test_zip_encrypted_member(dataset, tmp_path, capsys):
     out = tmp_path / "data" / "raw"
     line = one_line_error(capsys, fetch_dataset, str(archive), out)
     assert line == f"error: {archive}: member 'dataset/secret.txt' is encrypted; use a zip without a password"
+    nothing_left(out)
+
+
+# ---------------------------------------------------------------- broken images and masks (whatever the split)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _save_array(shape):
+    return lambda path: Image.fromarray(np.full(shape, 255, np.uint8)).save(path)
+
+
+# case: (file under dataset/, how it is broken, what the error line says after the member's name)
+BROKEN = {
+    "truncated image": ("train/synth-train-001/images/synth-train-001.png", _truncate, "unreadable or truncated image"),
+    "missing image": ("train/synth-train-001/images/synth-train-001.png", lambda p: p.rename(p.with_name("other.png")),
+                      "image not found"),
+    "truncated mask": ("train/synth-train-001/masks/mask_0002.png", _truncate, "unreadable or truncated image"),
+    "wrong-size mask": ("train/synth-train-001/masks/mask_0002.png", _save_array((20, 30)),
+                        "mask is 30x20 but its image is 48x48; masks must match their image size"),
+    "truncated test image": ("test/synth-test-000.png", _truncate, "unreadable or truncated image"),
+    "test image of another size": ("test/synth-test-000.png", _save_array((40, 48, 3)),
+                                   "image is 48x40 but test_img_ids.json lists 48x48"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_image_or_mask_is_refused_naming_the_member(dataset, tmp_path, capsys, case):
+    """Every training image is checked (the tile stage's split later holds some out as val images, which
+    nothing else reads before training) and every test image: one line naming the zip member, nothing written."""
+    rel, breaks, says = BROKEN[case]
+    src = _copy_dataset(dataset, tmp_path / "src")
+    breaks(src / rel)
+    archive = _zip_with(tmp_path / "data.zip", src)
+    out = tmp_path / "data" / "raw"
+    line = one_line_error(capsys, fetch_dataset, str(archive), out)
+    assert line.startswith(f"error: {archive} member dataset/{rel}: {says}"), line
+    nothing_left(out)
+
+
+def test_broken_mask_in_a_folder_source_names_the_source_file(dataset, tmp_path, capsys):
+    src = _copy_dataset(dataset, tmp_path / "src")
+    _truncate(src / "train/synth-train-000/masks/mask_0001.png")
+    out = tmp_path / "data" / "raw"
+    line = one_line_error(capsys, fetch_dataset, str(src), out)
+    assert line.startswith(f"error: {src / 'train/synth-train-000/masks/mask_0001.png'}: unreadable or truncated image"), line
     nothing_left(out)
 
 

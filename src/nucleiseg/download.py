@@ -311,12 +311,13 @@ def _relabel(exc: NucleisegError, root: Path, name_for) -> NucleisegError:
 
 
 def _validate(root: Path, name_for) -> int:
-    """Check the layout (train ids, test index); messages name the source, not the temp copy."""
-    from .data import load_test_index, train_ids
+    """Check the layout and every image and mask (all training images, whatever the split later holds out,
+    and the test images; PNG masks to their last byte without decoding, the tile stage decodes them);
+    messages name the source, not the temp copy."""
+    from .data import check_dataset
 
     try:
-        train_ids(root)
-        return len(load_test_index(root))
+        return check_dataset(root, decode=False)
     except NucleisegError as exc:
         raise _relabel(exc, root, name_for) from None
 
