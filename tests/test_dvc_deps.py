@@ -184,6 +184,27 @@ def test_dvc_yaml_deps_match_imports():
     assert not problems, "dvc.yaml deps out of date (python -m nucleiseg.depgraph --write):\n" + "\n".join(problems)
 
 
+def test_every_cached_output_is_ignored_by_the_committed_gitignore(tmp_path):
+    """DVC adds an output to a .gitignore unless git already ignores it (scmrepo's Git.ignore, which DVC calls):
+    with every cached out of dvc.yaml in the committed .gitignore, `dvc repro` and `dvc exp apply` leave git
+    clean. Non-cached outs (metrics, plots, run.json) are meant to be committed; reports/ is regenerated."""
+    from scmrepo.git import Git
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    outs = []
+    for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
+        for out in stage.get("outs") or []:
+            name, opts = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+            if opts.get("cache", True):
+                outs.append(name)
+    assert "data/raw" in outs and "models/model.pt" in outs
+    scm = Git(str(tmp_path))
+    not_ignored = [name for name in outs + ["reports/results.md"] if not scm.is_ignored(str(tmp_path / name))]
+    assert not not_ignored, f"add to .gitignore: {['/' + n for n in not_ignored]}"
+    assert not scm.is_ignored(str(tmp_path / "metrics" / "eval.json"))
+
+
 def test_report_and_cli_are_in_no_stage():
     """The point of issue 10: modules only the CLI uses must not re-run the pipeline."""
     for script in sorted((REPO / "stages").glob("*.py")):
