@@ -6,12 +6,13 @@ With train.gpus > 1 the stage relaunches itself under torchrun (one process per 
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 from nucleiseg.config import read_params
-from nucleiseg.errors import main_guard
-from nucleiseg.training import run_training
+from nucleiseg.errors import Interrupted, main_guard
+from nucleiseg.training import interrupted_message, run_training
 
 
 @main_guard
@@ -22,6 +23,8 @@ def main() -> None:
         os.execv(sys.executable, torchrun)
     try:
         run_training(params)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say whether a rerun resumes
+        raise Interrupted(interrupted_message(params, Path("data/split.json"))) from None
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

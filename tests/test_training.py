@@ -236,6 +236,41 @@ class KilledInEpoch(TileDataset):
         return super().__getitem__(key)
 
 
+def test_interrupt_message_says_whether_a_rerun_resumes(tmp_path, make_params, capsys, monkeypatch):
+    """Ctrl-C before the first checkpoint: nothing will be resumed; after it: the file a rerun resumes from."""
+    import signal
+
+    from nucleiseg.errors import RUN_AGAIN, Interrupted, main_guard
+
+    monkeypatch.chdir(tmp_path)
+    params, split = make_params(), tmp_path / "data" / "split.json"
+
+    def interrupted(exc) -> str:
+        def stage():
+            raise exc
+
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            with pytest.raises(SystemExit) as info:
+                main_guard(stage)()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        assert info.value.code == 130
+        (line,) = capsys.readouterr().err.splitlines()
+        return line
+
+    before = interrupted(Interrupted(training.interrupted_message(params, split)))
+    assert before == ("error: interrupted; no epoch had finished, so no checkpoint was written and nothing will be resumed: "
+                      "running the train stage again starts from epoch 1")
+    ckpt = training.checkpoint_path(params, split)
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"checkpoint")
+    after = interrupted(Interrupted(training.interrupted_message(params, split)))
+    assert after == (f"error: interrupted; the last finished epoch is checkpointed in checkpoints/{ckpt.name}: "
+                     "run the train stage again to resume from there")
+    assert interrupted(KeyboardInterrupt()) == f"error: interrupted; {RUN_AGAIN}"  # the other stages keep nothing
+
+
 def test_killed_run_resumes_from_last_checkpoint(tiny_tiles, tmp_path, train_cfg):
     """Killed in epoch 2 (after epoch 1's checkpoint), run again: only epoch 2 runs, and the weights equal an uninterrupted run's."""
     cfg = train_cfg(**{**RESUME, "lr": 1e-2})

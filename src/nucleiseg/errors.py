@@ -16,6 +16,14 @@ class NucleisegError(Exception):
     """A failure the user can fix; its message is shown as is, without a traceback."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with what running again will do (the train stage: resume, or start over)."""
+
+
+# Every stage writes its outputs atomically and only train keeps a resume checkpoint (its Interrupted says).
+RUN_AGAIN = "nothing half-written was kept; running it again starts over"
+
+
 def main_guard(func):
     """Decorate a `main()`: NucleisegError -> one 'error: ...' line and exit 2."""
 
@@ -30,8 +38,8 @@ def main_guard(func):
         except NucleisegError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
-        except KeyboardInterrupt:
-            print("error: interrupted; run the stage again to resume", file=sys.stderr)
+        except KeyboardInterrupt as exc:
+            print(f"error: interrupted; {exc if isinstance(exc, Interrupted) and str(exc) else RUN_AGAIN}", file=sys.stderr)
             sys.exit(130)
 
     return wrapper

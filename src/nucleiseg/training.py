@@ -49,6 +49,19 @@ def checkpoint_path(params: Params, split_file: Path, checkpoints_dir: Path | No
     return (checkpoints_dir or repo_root() / "checkpoints") / f"train-{digest}.pt"
 
 
+def interrupted_message(params: Params, split_file: Path, checkpoints_dir: Path | None = None) -> str:
+    """What a rerun of an interrupted train stage will do: resume from the checkpoint, or (none was
+    written: no epoch had finished) start over."""
+    path = checkpoint_path(params, split_file, checkpoints_dir)
+    if path.is_file():
+        try:
+            shown = path.relative_to(Path.cwd().resolve())
+        except ValueError:
+            shown = path
+        return f"the last finished epoch is checkpointed in {shown}: run the train stage again to resume from there"
+    return "no epoch had finished, so no checkpoint was written and nothing will be resumed: running the train stage again starts from epoch 1"
+
+
 VAL_CURVES = ("val_ap50_all", "val_ap50", "val_f1", "val_pq")
 CURVE_COLUMNS = ["epoch", "train_loss", *VAL_CURVES, "val_score_threshold", "lr", "epoch_seconds", "windows_per_second", "loader_wait_share"]
 
