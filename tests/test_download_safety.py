@@ -483,7 +483,8 @@ def test_offline_drive_message(tmp_path, capsys, monkeypatch, closed_port):
         f"error: cannot reach Google Drive (127.0.0.1:{port}: Connection refused); offline? "
         "download the zip yourself from https://drive.google.com/file/d/1nEJ7NTtHcCHNQqUXaoPk55VH3Uwh4QGG, "
         "then run `dvc exp run -S data.source=/path/to/nuclei-hw3-train.zip "
-        f"-S data.sha256={HOMEWORK_SHA}`, or use data.source=synthetic for the offline demo"
+        f"-S data.sha256={HOMEWORK_SHA} -S model.weights=none` (a GPU job; on a CPU: scripts/quickstart /path/to/the.zip), "
+        "or use data.source=synthetic for the offline demo"
     )
     assert "../shared" not in line
     nothing_left(out)
@@ -495,7 +496,7 @@ def test_offline_drive_other_file_keeps_its_sha(tmp_path, monkeypatch, closed_po
         fetch_dataset("https://drive.google.com/file/d/abcdefghijklmn/view", tmp_path / "raw", sha256="A" * 64)
     message = str(info.value)
     assert "https://drive.google.com/file/d/abcdefghijklmn," in message
-    assert f"-S data.source=/path/to/the-file.zip -S data.sha256={'a' * 64}`" in message
+    assert f"-S data.source=/path/to/the-file.zip -S data.sha256={'a' * 64} -S model.weights=none`" in message
     assert HOMEWORK_SHA not in message
 
 

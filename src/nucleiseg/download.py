@@ -100,9 +100,10 @@ def _offline_hint(file_id: str, expected: str | None) -> str:
     command = f"dvc exp run -S data.source=/path/to/{HOMEWORK_ZIP_NAME if homework else 'the-file.zip'}"
     if digest:
         command += f" -S data.sha256={digest}"
+    command += " -S model.weights=none"  # offline, the pretrained weights cannot be downloaded either
     return (
         f"download the zip yourself from https://drive.google.com/file/d/{file_id}, then run "
-        f"`{command}`, or use data.source=synthetic for the offline demo"
+        f"`{command}` (a GPU job; on a CPU: scripts/quickstart /path/to/the.zip), or use data.source=synthetic for the offline demo"
     )
 
 

@@ -5,7 +5,7 @@ All state lives under `<repo>/mlruns/` (a SQLite store `mlflow.db` plus an
 which run in a throw-away copy, still land their runs in the real repository.
 A set MLFLOW_TRACKING_URI (e.g. a team server) wins.
 
-Three things MLflow does not do for a per-repository SQLite store, done here:
+Four things MLflow does not do for a per-repository SQLite store, done here:
 
 - Safe first use. MLflow creates and migrates a missing SQLite store in whichever
   process opens it first, without a lock: two stages (or `dvc exp run --queue` jobs)
@@ -21,6 +21,9 @@ Three things MLflow does not do for a per-repository SQLite store, done here:
   own rows when they point into another repository's `mlruns/artifacts` (see
   `follow_repository`): the store file is per repository, so this never touches the
   original's store.
+- No stray experiment. Every new store gets an empty `Default` experiment whose artifact
+  location is the creating process's folder (a `--temp` copy, deleted afterwards); it is
+  pointed at this store and deleted (`_retire_default`), so the UI lists the project's alone.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ def ui_url(experiment_id: str) -> str:
     uri = tracking_uri()
     address = uri.rstrip("/") if not uses_local_store() and uri.startswith(("http://", "https://")) else UI_ADDRESS
     return f"{address}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+
 
 # (table, column) pairs of MLflow's SQL schema that hold absolute artifact locations.
 ARTIFACT_COLUMNS = (
