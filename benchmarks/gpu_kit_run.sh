@@ -106,7 +106,8 @@ if not found:
     raise SystemExit("training stopped before its first epoch ended: no checkpoint")
 c = torch.load(found[-1], map_location="cpu", weights_only=True)
 state = c["best"]["state"] if c["best"]["state"] is not None else c["model"]
-torch.save(model_file(state, read_params().model, c["best"]["epoch"]), "models/model.pt")
+params = read_params()
+torch.save(model_file(state, params.model, c["best"]["epoch"], params.infer), "models/model.pt")
 json.dump({"run_id": c["run"].get("mlflow_run_id", "none"), "experiment_id": "0", "tracking_uri": "none"}, open("models/run.json", "w"))
 print(f"stopped after epoch {c['epoch']}; using its best epoch {c['best']['epoch']}")
 PY

@@ -7,7 +7,7 @@ from nucleiseg.core.config import read_params
 from nucleiseg.core.errors import main_guard
 from nucleiseg.core.io import atomic_path, write_json
 from nucleiseg.core.runtime import default_workers
-from nucleiseg.data.layout import source_record, split_ids, train_ids
+from nucleiseg.data.layout import check_dataset, source_record, split_ids, train_ids
 from nucleiseg.data.tile_store import write_split
 
 log = logging.getLogger("tile")
@@ -18,6 +18,9 @@ def main() -> None:
     params = read_params()
     cfg = params.tile
     split = split_ids(train_ids("data/raw"), params.data.val_images, params.seed, params.data.fold)
+    # Only the train images are tiled (and so read) here: the val and test images are checked now, not
+    # when the train or infer stage first reads them.
+    check_dataset("data/raw", split["val"], default_workers() + 1)
     with atomic_path("data/tiles") as tiles_dir:
         train = write_split("data/raw", split["train"], tiles_dir, "train", cfg.size, cfg.overlap, cfg.min_visible, default_workers() + 1)
         summary = {"data": source_record("data/raw"), "train": train, "val_images": split["val"], "tile": dataclasses.asdict(cfg)}

@@ -10,8 +10,8 @@ import sys
 import torch
 
 from nucleiseg.core.config import read_params
-from nucleiseg.core.errors import main_guard
-from nucleiseg.train.stage import run_training
+from nucleiseg.core.errors import Interrupted, main_guard
+from nucleiseg.train.stage import TrainInputs, interrupted_message, run_training
 
 
 @main_guard
@@ -22,6 +22,8 @@ def main() -> None:
         os.execv(sys.executable, torchrun)
     try:
         run_training(params)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say whether a rerun resumes
+        raise Interrupted(interrupted_message(params, TrainInputs())) from None
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

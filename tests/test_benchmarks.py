@@ -34,7 +34,7 @@ def pipeline_folder(tmp_path, tiny_data, tiny_params, tiny_model_cfg) -> Path:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params.as_dict(), sort_keys=False))
     (tmp_path / "models").mkdir()
     torch.manual_seed(0)
-    torch.save(model_file(build_model(tiny_model_cfg).state_dict(), tiny_model_cfg, best_epoch=1), tmp_path / "models" / "model.pt")
+    torch.save(model_file(build_model(tiny_model_cfg).state_dict(), tiny_model_cfg, best_epoch=1, infer=tiny_params.infer), tmp_path / "models" / "model.pt")
     return tmp_path
 
 

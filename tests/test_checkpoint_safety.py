@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nucleiseg.core.config import InferConfig
 from nucleiseg.core.errors import NucleisegError
 from nucleiseg.model.maskrcnn import (
     MODEL_FILE_FORMAT,
@@ -130,7 +131,7 @@ def _damaged(tmp_path: Path, good: Path) -> dict[str, Path]:
 @pytest.fixture
 def damaged(tmp_path, tiny_model_cfg):
     good = tmp_path / "good.pt"
-    torch.save(model_file(STATE, tiny_model_cfg, best_epoch=1), good)
+    torch.save(model_file(STATE, tiny_model_cfg, best_epoch=1, infer=InferConfig()), good)
     return _damaged(tmp_path, good)
 
 

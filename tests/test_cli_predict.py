@@ -13,6 +13,7 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 
 import nucleiseg.cli as cli
-from nucleiseg.core.config import ModelConfig
+from nucleiseg.core.config import InferConfig, ModelConfig
 from nucleiseg.core.errors import NucleisegError
 from nucleiseg.core.masks import Instance, from_rle, paste
 from nucleiseg.model.maskrcnn import build_model
@@ -40,13 +41,14 @@ FAST = ["--window", "64", "--overlap", "24", "--device", "cpu"]
 SRC = Path(cli.__file__).resolve().parents[1]
 
 
-def save_model(path: Path, backbone: str = "resnet18", config_backbone: str | None = None) -> Path:
-    """A file in the train stage's format (weights + the config they were built with), random weights."""
+def save_model(path: Path, backbone: str = "resnet18", config_backbone: str | None = None, infer: InferConfig | None = None) -> Path:
+    """A file in the train stage's format (weights + the config they were built with, and with `infer`
+    the settings its validation used, as model.model_file writes them), random weights."""
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, weights="none", **SMALL)
     saved_cfg = dataclasses.replace(cfg, backbone=config_backbone or backbone)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model_file_dict(build_model(cfg).state_dict(), saved_cfg, best_epoch=1), path)
+    torch.save(model_file_dict(build_model(cfg).state_dict(), saved_cfg, best_epoch=1, infer=infer or InferConfig()), path)
     return path
 
 
@@ -221,10 +223,10 @@ def test_mlflow_uri_reads_the_runs_operating_point(tmp_path, caplog):
 
     from nucleiseg.track import runs as tracking
 
-    tracking.configure()
-    with mlflow.start_run() as with_point:
+    experiment_id = tracking.configure()
+    with mlflow.start_run(experiment_id=experiment_id) as with_point:
         mlflow.log_dict({"score_threshold": 0.625, "metric": "f1", "value": 0.5, "chosen_on": "val"}, "operating_point.json")
-    with mlflow.start_run() as without:
+    with mlflow.start_run(experiment_id=experiment_id) as without:
         pass
     settings = cli.Settings(infer=cli.infer_settings(cli.build_parser().parse_args(["predict", "x", "--out", "o"])).infer,
                             device="cpu", label_threshold=None)
@@ -246,6 +248,105 @@ def test_mlflow_uri_without_a_store_is_refused_and_creates_none(tmp_path, capsys
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "out").exists()
 
 
+class _TrappedModule(torch.nn.Module):
+    """A module whose pickle runs `open(marker, 'w')` when loaded: what a crafted MLflow pytorch model does."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("repo")  # one MLflow store for the module: creating one takes seconds
+
+
+@pytest.fixture
+def store(store_root, monkeypatch):
+    """The project's MLflow store (under DVC_ROOT = store_root); the tracking URI is reset afterwards."""
+    import mlflow
+
+    from nucleiseg.track import runs as tracking
+
+    monkeypatch.setenv("DVC_ROOT", str(store_root))
+    yield tracking.configure()
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def test_run_whose_model_is_a_crafted_pickle_is_refused_and_never_unpickled(tmp_path, store, capsys):
+    """The issue's attack: a run's logged model is an MLflow pytorch pickle that runs code when loaded.
+    predict loads only the tensor-only artifacts/model.pt, which this run lacks: one line, nothing run."""
+    import mlflow
+    import mlflow.pytorch
+
+    marker = tmp_path / "payload-ran"
+    with mlflow.start_run(experiment_id=store) as run:
+        mlflow.pytorch.log_model(_TrappedModule(str(marker)), name="model", serialization_format="pickle", pip_requirements=[])
+    capsys.readouterr()  # MLflow's warnings while logging the trap
+    images = write_images(tmp_path / "in")
+    uri = f"runs:/{run.info.run_id}/model"
+    line = fail(["predict", str(images / "rgb.png"), "--model", uri, "--out", str(tmp_path / "out"), *FAST], capsys)
+    assert line.startswith(f"error: {uri}/artifacts/model.pt: not found ("), line
+    assert "never a pickled one" in line
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    with pytest.raises(Exception):  # the trap is real: MLflow's own loader runs it (then fails on what it returns)
+        mlflow.pytorch.load_model(uri)
+    assert marker.exists()
+
+
+def test_run_whose_model_file_carries_code_is_refused(tmp_path, store, capsys):
+    """A logged model in nucleiseg's layout whose artifacts/model.pt is a pickle with a payload: weights_only refuses it."""
+    import mlflow
+
+    from nucleiseg.track import runs as tracking
+
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "model.pt"
+    torch.save({"model": {}, "model_config": {}, "extra": _Payload(str(marker))}, evil)
+    with mlflow.start_run(experiment_id=store) as run:
+        tracking.log_model(evil)
+    capsys.readouterr()
+    images = write_images(tmp_path / "in")
+    uri = f"runs:/{run.info.run_id}/model"
+    line = fail(["predict", str(images / "rgb.png"), "--model", uri, "--out", str(tmp_path / "out"), *FAST], capsys)
+    assert line.startswith(f"error: {uri}/artifacts/model.pt: refused: the file holds Python objects"), line
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_logged_model_predicts_like_its_file(tmp_path, store):
+    """tracking.log_model's models-from-code model: predict --model runs:/<id>/model and models:/<id> use its tensor file
+    and the infer settings saved in it; mlflow.pyfunc (which runs the logged code) gives the same detections."""
+    import mlflow
+
+    from nucleiseg.track import runs as tracking
+
+    model = save_model(tmp_path / "models" / "model.pt", infer=InferConfig(window=64, overlap=24, score_threshold=0.2))
+    with mlflow.start_run(experiment_id=store) as run:
+        tracking.log_model(model)
+    image = tmp_path / "in" / "small.png"
+    image.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(image)
+    logged = mlflow.last_logged_model()
+    outputs = {}
+    for name, uri in (("file", str(model)), ("run", f"runs:/{run.info.run_id}/model"), ("id", f"models:/{logged.model_id}")):
+        assert cli.main(["predict", str(image), "--model", uri, "--out", str(tmp_path / name), "--device", "cpu"]) == 0
+        outputs[name] = json.loads((tmp_path / name / "predictions.json").read_text())
+        settings = json.loads((tmp_path / name / "settings.json").read_text())
+        assert (settings["infer"]["window"], settings["infer"]["score_threshold"]) == (64, 0.2)
+    assert outputs["file"] and outputs["run"] == outputs["file"] == outputs["id"]
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert pyfunc.predict([str(image)]) == outputs["file"]
+    folder = Path(urlparse(logged.artifact_location).path)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "code/" not in p.relative_to(folder).as_posix())
+    assert files == ["MLmodel", "artifacts/model.pt", "conda.yaml", "mlflow_model.py", "python_env.yaml", "requirements.txt"]
+    assert (folder / "code" / "nucleiseg" / "model.py").is_file()  # the package travels with the pyfunc
+
+
 def test_too_many_instances_for_uint16():
     inst = Instance(np.ones((1, 1), bool), 0, 0)
     with pytest.raises(NucleisegError, match="16-bit"):
@@ -265,13 +366,75 @@ def test_params_infer_section_and_device_then_flags(tmp_path):
     settings = cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "p.yaml"),
                                         "--device", "auto", "--score-threshold", "0.6"]))
     assert (settings.device, settings.label_threshold, settings.infer.score_threshold) == ("auto", 0.6, 0.2)
-    (tmp_path / "params.yaml").write_text("device: cpu\ninfer: {window: 256}\n")  # the default --params, when present
-    assert cli.infer_settings(parse(["predict", "x.png", "--out", "o"])).infer.window == 256
+    (tmp_path / "params.yaml").write_text("device: cpu\ninfer: {window: 256}\n")  # never read unless named
+    settings = cli.infer_settings(parse(["predict", "x.png", "--out", "o"]))
+    assert (settings.infer.window, settings.device, settings.source) == (512, "auto", "nucleiseg's defaults")
     with pytest.raises(NucleisegError, match="missing.yaml: not found"):
         cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "missing.yaml")]))
     (tmp_path / "bad.yaml").write_text("infer: {window: 16}\n")
     with pytest.raises(NucleisegError, match=r"infer.window = 16 is not allowed"):
         cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "bad.yaml")]))
+
+
+def test_the_settings_the_model_was_validated_with_then_flags(tmp_path, monkeypatch):
+    """The model file's saved infer settings (the train stage's validation) are predict's defaults; flags win;
+    --params FILE replaces them; a params.yaml in the current folder is ignored."""
+    validated = InferConfig(window=96, overlap=32, mask_threshold=0.4, min_area=12, score_threshold=0.1)
+    model = save_model(tmp_path / "m" / "model.pt", infer=validated)
+    (tmp_path / "params.yaml").write_text("device: cpu\ninfer: {window: 128, overlap: 48}\n")
+    seen = []
+    monkeypatch.setattr(Predictor, "predict", lambda self, image: seen.append(self.cfg) or [])
+    images = write_images(tmp_path / "in")
+
+    def run(name, *flags):
+        assert cli.main(["predict", str(images / "rgb.png"), "--model", str(model), "--out", str(tmp_path / name), "--device", "cpu", *flags]) == 0
+        return seen[-1], json.loads((tmp_path / name / "settings.json").read_text())
+
+    cfg, settings = run("saved")
+    assert cfg == validated
+    assert settings["infer_source"] == f"the settings {model} was validated with"
+    cfg, settings = run("flags", "--window", "64", "--overlap", "24")
+    assert (cfg.window, cfg.overlap, cfg.mask_threshold, cfg.min_area) == (64, 24, 0.4, 12)
+    assert settings["infer_source"] == f"the settings {model} was validated with + nucleiseg predict flags"
+    cfg, settings = run("params", "--params", "params.yaml")
+    assert (cfg.window, cfg.overlap, cfg.mask_threshold) == (128, 48, 0.5) and settings["infer_source"] == "params.yaml"
+
+
+def test_flags_that_clash_with_the_models_settings_are_one_line(tmp_path, capsys):
+    model = save_model(tmp_path / "m" / "model.pt", infer=InferConfig(window=256, overlap=96))
+    images = write_images(tmp_path / "in")
+    line = fail(["predict", str(images / "rgb.png"), "--model", str(model), "--out", str(tmp_path / "out"), "--window", "64",
+                 "--device", "cpu"], capsys)
+    assert line == (f"error: the settings {model} was validated with + nucleiseg predict flags: infer.overlap = 96 must be "
+                    "smaller than infer.window = 64")
+    assert not (tmp_path / "out").exists()
+
+
+def test_windows_show_progress_on_large_images(tmp_path, model_file, monkeypatch):
+    """nucleiseg predict's Predictor draws a bar over an image's windows when it takes more than one forward pass."""
+    import nucleiseg.predict.predictor as predictor_mod
+
+    bars = []
+
+    class Bar:
+        def __init__(self, *args, total=None, disable=None, **kwargs):
+            self.total, self.disable, self.n = total, disable, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(predictor_mod, "tqdm", Bar)
+    monkeypatch.setattr(predictor_mod, "predict_batch", lambda model, tensors, device, floor: [{} for _ in tensors])
+    monkeypatch.setattr(Predictor, "_to_instances", lambda self, output, size: [])
+    image = np.zeros((150, 150, 3), np.uint8)  # 4x4 windows of 64 px
+    Predictor(None, InferConfig(window=64, overlap=24, batch_size=4), progress=True).predict(image)
+    Predictor(None, InferConfig(window=64, overlap=24, batch_size=4)).predict(image)
+    Predictor(None, InferConfig(window=256, overlap=24, batch_size=4), progress=True).predict(image)
+    assert [(b.total, b.n, b.disable) for b in bars] == [(16, 16, None), (16, 16, True), (1, 1, True)]
 
 
 @pytest.mark.parametrize("flags, message", [

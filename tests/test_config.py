@@ -21,6 +21,20 @@ def test_params_yaml_equals_the_defaults():
     assert read_params(REPO / "params.yaml") == Params()
 
 
+def test_dvc_set_param_changes_only_the_lines_it_sets(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml through DVC's own writer (ruamel): a file already in its style
+    (block lists, null as an empty value) comes back with only the set lines changed."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    before = (REPO / "params.yaml").read_text()
+    path.write_text(before)
+    apply_overrides(str(path), ["train.epochs=3", "backbone=resnet18", "evaluate.score_threshold=0.5", "data.sha256=null"])
+    changed = [(a, b) for a, b in zip(before.splitlines(), path.read_text().splitlines()) if a != b]
+    assert len(before.splitlines()) == len(path.read_text().splitlines())
+    assert [b.split("#")[0].strip() for _, b in changed] == ["backbone: resnet18", "epochs: 3", "score_threshold: 0.5"]
+
+
 def test_as_dict_round_trips_and_flat_names_every_param(tiny_params):
     assert params_from_dict(tiny_params.as_dict()) == tiny_params
     flat = Params().flat()

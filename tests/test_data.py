@@ -437,3 +437,85 @@ def test_train_image_path_finds_tiff_images(tmp_path):
     (tmp_path / "train" / "a" / "images").mkdir(parents=True)
     (tmp_path / "train" / "a" / "images" / "a.tif").write_bytes(b"x")
     assert train_image_path(tmp_path, "a").name == "a.tif"
+
+
+# ---------------------------------------------------------------- the tile stage checks what it does not tile
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tile_stage_error(root: Path, capsys, monkeypatch) -> str:
+    """stages/tile.py in `root` as DVC runs it: exit 2 with exactly one `error:` line, no traceback."""
+    import runpy
+    import signal
+
+    monkeypatch.chdir(root)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as info:
+            runpy.run_path(str(REPO / "stages" / "tile.py"), run_name="__main__")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in captured.err, captured.err
+    return errors[0]
+
+
+def _raw_with_val(root: Path) -> tuple[Path, str]:
+    """data/raw of 3 synthetic images and params.yaml holding one out; returns (raw, the val image's id)."""
+    from nucleiseg.data.synthetic import generate_dataset
+
+    raw = generate_dataset(root / "data" / "raw", n_train=3, n_test=1, size=48, radius_range=(3, 8), seed=0)
+    (root / "params.yaml").write_text("data: {val_images: 1}\ntile: {size: 64, overlap: 16}\n")
+    (val,) = split_ids(train_ids(raw), 1, 0)["val"]
+    return raw, val
+
+
+@pytest.mark.parametrize("case", ["truncated image", "missing image", "wrong-size mask", "truncated mask"])
+def test_tile_refuses_a_broken_val_image_before_writing_anything(tmp_path, capsys, monkeypatch, case):
+    """Val images are not tiled, so before this check nothing read them until the train stage started."""
+    raw, val = _raw_with_val(tmp_path)
+    image = raw / "train" / val / "images" / f"{val}.png"
+    mask = sorted((raw / "train" / val / "masks").iterdir())[0]
+    if case == "truncated image":
+        image.write_bytes(image.read_bytes()[:200])
+        named, says = image, "unreadable or truncated image"
+    elif case == "missing image":
+        image.unlink()
+        named, says = image, "image not found"
+    elif case == "wrong-size mask":
+        Image.fromarray(np.full((30, 20), 255, np.uint8)).save(mask)
+        named, says = mask, "mask is 20x30 but its image is 48x48"
+    else:
+        mask.write_bytes(mask.read_bytes()[:60])
+        named, says = mask, "unreadable or truncated image"
+    line = _tile_stage_error(tmp_path, capsys, monkeypatch)
+    assert line.startswith(f"error: {named.relative_to(tmp_path)}: {says}"), line
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]  # no split.json, no tiles
+
+
+def test_tile_refuses_a_broken_test_image(tmp_path, capsys, monkeypatch):
+    raw, _ = _raw_with_val(tmp_path)
+    test_image = raw / "test" / "synth-test-000.png"
+    test_image.write_bytes(test_image.read_bytes()[:100])
+    line = _tile_stage_error(tmp_path, capsys, monkeypatch)
+    assert line.startswith("error: data/raw/test/synth-test-000.png: unreadable or truncated image"), line
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]
+
+
+def test_check_dataset_without_decoding_still_finds_a_damaged_png(tmp_path):
+    """checked_size reads a PNG to its last byte with the chunk CRCs: a flipped byte inside the pixel data is found
+    without inflating it."""
+    from nucleiseg.data.layout import check_dataset, checked_size
+
+    raw, val = _raw_with_val(tmp_path)
+    mask = sorted((raw / "train" / val / "masks").iterdir())[0]
+    assert checked_size(mask) == (48, 48)
+    assert check_dataset(raw, decode=False) == 1
+    data = bytearray(mask.read_bytes())
+    data[data.index(b"IDAT") + 6] ^= 0xFF
+    mask.write_bytes(bytes(data))
+    with pytest.raises(NucleisegError, match=rf"{mask.name}: unreadable or truncated image"):
+        check_dataset(raw, decode=False)

@@ -148,6 +148,10 @@ def test_mlflow_runs_land_in_the_repo_store(demo_repo):
         status = dict(db.execute("select run_uuid, status from runs").fetchall())
         names = dict(db.execute("select run_uuid, name from runs").fetchall())
         backbone, source = tag("backbone"), tag("data_source")
+        experiments = db.execute("select name, lifecycle_stage, artifact_location from experiments").fetchall()
+    # The store lists only the project's experiment, and nothing in it points into the deleted --temp copies.
+    assert [name for name, stage, _ in experiments if stage == "active"] == ["nucleiseg"]
+    assert {location for _, _, location in experiments} == {(root / "mlruns" / "artifacts").as_uri()}
     assert set(by_exp) == {"e2e-r50", "e2e-r18"}, by_exp
     for exp, expected in (("e2e-r50", "resnet50"), ("e2e-r18", "resnet18")):
         run = by_exp[exp]
@@ -162,3 +166,30 @@ def test_mlflow_runs_land_in_the_repo_store(demo_repo):
         logged = dict(db.execute("select key, value from latest_metrics where run_uuid = ?", (run_id,)).fetchall())
     for key in ("ap50", "ap50_all", "f1", "pq"):
         assert logged[f"val/{key}"] == pytest.approx(workspace[key]), key
+
+
+def test_applied_experiment_leaves_the_ignore_files_alone(demo_repo):
+    """`dvc exp apply` finds every cached output ignored by the committed .gitignore: git sees only the params,
+    dvc.lock and the small outputs meant to be committed (metrics, plots, run.json)."""
+    root, env, _, _ = demo_repo
+    changed = sorted(line[3:] for line in _run(["git", "status", "--porcelain", "-uall"], root, env).stdout.splitlines())
+    assert ".gitignore" not in changed and not [c for c in changed if c.endswith(".gitignore")], changed
+    assert not [c for c in changed if c.startswith(("data/", "predictions/", "submission/", "overlays/", "reports/"))], changed
+    assert "models/model.pt" not in changed and "params.yaml" in changed
+
+
+def test_predict_from_the_demo_run_loads_its_tensor_file_with_its_settings(demo_repo, tmp_path):
+    """`nucleiseg predict --model runs:/<id>/model` as a user runs it: the run's artifacts/model.pt, the infer settings the
+    model was validated with (the demo's 128 px windows), the operating point the evaluate stage logged."""
+    root, env, _, _ = demo_repo
+    run_id = json.loads((root / "models/run.json").read_text())["run_id"]
+    image = sorted((root / "data/raw/test").glob("*.png"))[0]
+    out = tmp_path / "out"
+    _run([sys.executable, "-m", "nucleiseg", "predict", str(image), "--model", f"runs:/{run_id}/model", "--out", str(out)], root, env)
+    settings = json.loads((out / "settings.json").read_text())
+    params = read_params(root / "params.yaml")
+    assert settings["infer"]["window"] == params.infer.window == 128
+    assert settings["infer_source"] == f"the settings runs:/{run_id}/model was validated with"
+    point = json.loads((root / "models/operating_point.json").read_text())["score_threshold"]
+    assert settings["label_score_threshold"] == point
+    assert settings["label_score_threshold_source"] == "operating_point.json of the model's MLflow run"

@@ -15,7 +15,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import nucleiseg.data.download as download
 from nucleiseg.core.errors import NucleisegError, main_guard
@@ -364,6 +366,55 @@ def test_zip_encrypted_member(dataset, tmp_path, capsys):
     nothing_left(out)
 
 
+# ---------------------------------------------------------------- broken images and masks (whatever the split)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _save_array(shape):
+    return lambda path: Image.fromarray(np.full(shape, 255, np.uint8)).save(path)
+
+
+# case: (file under dataset/, how it is broken, what the error line says after the member's name)
+BROKEN = {
+    "truncated image": ("train/synth-train-001/images/synth-train-001.png", _truncate, "unreadable or truncated image"),
+    "missing image": ("train/synth-train-001/images/synth-train-001.png", lambda p: p.rename(p.with_name("other.png")),
+                      "image not found"),
+    "truncated mask": ("train/synth-train-001/masks/mask_0002.png", _truncate, "unreadable or truncated image"),
+    "wrong-size mask": ("train/synth-train-001/masks/mask_0002.png", _save_array((20, 30)),
+                        "mask is 30x20 but its image is 48x48; masks must match their image size"),
+    "truncated test image": ("test/synth-test-000.png", _truncate, "unreadable or truncated image"),
+    "test image of another size": ("test/synth-test-000.png", _save_array((40, 48, 3)),
+                                   "image is 48x40 but test_img_ids.json lists 48x48"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_image_or_mask_is_refused_naming_the_member(dataset, tmp_path, capsys, case):
+    """Every training image is checked (the tile stage's split later holds some out as val images, which
+    nothing else reads before training) and every test image: one line naming the zip member, nothing written."""
+    rel, breaks, says = BROKEN[case]
+    src = _copy_dataset(dataset, tmp_path / "src")
+    breaks(src / rel)
+    archive = _zip_with(tmp_path / "data.zip", src)
+    out = tmp_path / "data" / "raw"
+    line = one_line_error(capsys, fetch_dataset, str(archive), out)
+    assert line.startswith(f"error: {archive} member dataset/{rel}: {says}"), line
+    nothing_left(out)
+
+
+def test_broken_mask_in_a_folder_source_names_the_source_file(dataset, tmp_path, capsys):
+    src = _copy_dataset(dataset, tmp_path / "src")
+    _truncate(src / "train/synth-train-000/masks/mask_0001.png")
+    out = tmp_path / "data" / "raw"
+    line = one_line_error(capsys, fetch_dataset, str(src), out)
+    assert line.startswith(f"error: {src / 'train/synth-train-000/masks/mask_0001.png'}: unreadable or truncated image"), line
+    nothing_left(out)
+
+
 # ---------------------------------------------------------------- data.sha256
 
 
@@ -437,7 +488,8 @@ def test_offline_drive_message(tmp_path, capsys, monkeypatch, closed_port):
         f"error: cannot reach Google Drive (127.0.0.1:{port}: Connection refused); offline? "
         "download the zip yourself from https://drive.google.com/file/d/1nEJ7NTtHcCHNQqUXaoPk55VH3Uwh4QGG, "
         "then run `dvc exp run -S data.source=/path/to/nuclei-hw3-train.zip "
-        f"-S data.sha256={HOMEWORK_SHA}`, or use data.source=synthetic for the offline demo"
+        f"-S data.sha256={HOMEWORK_SHA} -S model.weights=none` (a GPU job; on a CPU: scripts/quickstart /path/to/the.zip), "
+        "or use data.source=synthetic for the offline demo"
     )
     assert "../shared" not in line
     nothing_left(out)
@@ -449,7 +501,7 @@ def test_offline_drive_other_file_keeps_its_sha(tmp_path, monkeypatch, closed_po
         fetch_dataset("https://drive.google.com/file/d/abcdefghijklmn/view", tmp_path / "raw", sha256="A" * 64)
     message = str(info.value)
     assert "https://drive.google.com/file/d/abcdefghijklmn," in message
-    assert f"-S data.source=/path/to/the-file.zip -S data.sha256={'a' * 64}`" in message
+    assert f"-S data.source=/path/to/the-file.zip -S data.sha256={'a' * 64} -S model.weights=none`" in message
     assert HOMEWORK_SHA not in message
 
 

@@ -8,6 +8,7 @@ as an import and that dvc.yaml and the train stage's params agree with the code.
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -173,6 +174,28 @@ STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 def stage_code(name: str) -> list[str]:
     return folder_deps(stage_modules(REPO / f"stages/{name}.py", REPO / "src/nucleiseg", root=REPO), Path("src/nucleiseg"), REPO)
+
+
+def test_every_cached_output_is_ignored_by_the_committed_gitignore(tmp_path):
+    """DVC adds an output to a .gitignore unless git already ignores it (scmrepo's Git.ignore, which DVC calls):
+    with every cached out of dvc.yaml in the committed .gitignore, `dvc repro` and `dvc exp apply` leave git
+    clean. Non-cached outs (metrics, plots, run.json) are meant to be committed; reports/ is regenerated."""
+    from scmrepo.git import Git
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    outs = []
+    for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
+        for out in stage.get("outs") or []:
+            name, opts = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+            if opts.get("cache", True):
+                outs.append(name)
+    assert "data/raw" in outs and "models/model.pt" in outs
+    scm = Git(str(tmp_path))
+    not_ignored = [name for name in outs + ["reports/results.md"] if not scm.is_ignored(str(tmp_path / name))]
+    assert not not_ignored, f"add to .gitignore: {['/' + n for n in not_ignored]}"
+    assert not scm.is_ignored(str(tmp_path / "metrics" / "eval.json"))
+
 
 
 @pytest.mark.parametrize("name", list(STAGES))

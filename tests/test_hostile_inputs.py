@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 import nucleiseg.cli as cli
-from nucleiseg.core.config import ModelConfig, read_params
+from nucleiseg.core.config import InferConfig, ModelConfig, read_params
 from nucleiseg.core.errors import NucleisegError, main_guard, redact
 from nucleiseg.data.layout import (
     DEFAULT_MAX_MEGAPIXELS,
@@ -96,7 +96,7 @@ def model_file(tmp_path_factory) -> Path:
     cfg = ModelConfig(backbone="resnet18", weights="none", rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=100,
                       detections_per_img=4)
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save(model_file_dict(build_model(cfg).state_dict(), cfg, best_epoch=1), path)
+    torch.save(model_file_dict(build_model(cfg).state_dict(), cfg, best_epoch=1, infer=InferConfig()), path)
     return path
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nucleiseg.model.maskrcnn as model_mod
-from nucleiseg.core.config import ModelConfig
+from nucleiseg.core.config import InferConfig, ModelConfig
 from nucleiseg.core.errors import NucleisegError
 from nucleiseg.model.maskrcnn import (
     REGISTRY,
@@ -237,7 +237,7 @@ def test_input_scale_resizes_windows_and_maps_outputs_back(small_cfg):
 def test_trained_model_file_round_trips(r18, small_cfg, tmp_path):
     """load_trained: the train stage's file (weights + config) rebuilds the same network, in eval mode."""
     path = tmp_path / "model.pt"
-    torch.save(model_mod.model_file(r18.state_dict(), small_cfg("resnet18"), best_epoch=3), path)
+    torch.save(model_mod.model_file(r18.state_dict(), small_cfg("resnet18"), best_epoch=3, infer=InferConfig()), path)
     model, ckpt = load_trained(path)
     assert not model.training and ckpt["best_epoch"] == 3 and ckpt["format"] == model_mod.MODEL_FILE_FORMAT
     for key, value in r18.state_dict().items():
@@ -247,13 +247,18 @@ def test_trained_model_file_round_trips(r18, small_cfg, tmp_path):
 
 def test_model_file_keeps_the_resolved_norm(small_cfg, tmp_path):
     """A model file names its norm (never `auto`), so it reloads the same layers whatever auto means later."""
-    saved = model_mod.model_file({}, small_cfg("resnet18"), best_epoch=2)
+    saved = model_mod.model_file({}, small_cfg("resnet18"), best_epoch=2, infer=InferConfig(window=256, overlap=96))
     assert saved["model_config"]["norm"] == "groupnorm" and saved["best_epoch"] == 2
+    assert model_mod.saved_infer_config(saved, "m.pt") == InferConfig(window=256, overlap=96)  # what predict starts from
+    with pytest.raises(NucleisegError, match="infer_config is missing"):
+        model_mod.saved_infer_config({"model": {}}, "m.pt")
+    with pytest.raises(NucleisegError, match=r"m.pt \(saved infer settings\): infer.window = 8 is not allowed"):
+        model_mod.saved_infer_config({"infer_config": {"window": 8}}, "m.pt")
     torch.manual_seed(0)
     for norm in ("batchnorm", "frozen", "groupnorm"):
         model = build_model(small_cfg("resnet18", norm=norm))
         path = tmp_path / f"{norm}.pt"
-        torch.save(model_mod.model_file(model.state_dict(), small_cfg("resnet18", norm=norm), best_epoch=1), path)
+        torch.save(model_mod.model_file(model.state_dict(), small_cfg("resnet18", norm=norm), best_epoch=1, infer=InferConfig()), path)
         loaded, _ = load_trained(path)
         assert type(loaded.backbone.body.bn1) is type(model.backbone.body.bn1), norm
         for key, value in model.state_dict().items():
@@ -274,11 +279,11 @@ def test_trained_model_file_errors(r18, small_cfg, tmp_path):
         load_trained(old)
     # A config another version wrote (unknown key) or weights that do not fit it: retrain.
     odd = tmp_path / "odd.pt"
-    torch.save({**model_mod.model_file(r18.state_dict(), small_cfg(), 1), "model_config": {**dataclasses.asdict(small_cfg()), "anchors": 3}}, odd)
+    torch.save({**model_mod.model_file(r18.state_dict(), small_cfg(), 1, InferConfig()), "model_config": {**dataclasses.asdict(small_cfg()), "anchors": 3}}, odd)
     with pytest.raises(NucleisegError, match="retrain"):
         load_trained(odd)
     other = tmp_path / "other.pt"
-    torch.save(model_mod.model_file(r18.state_dict(), small_cfg("resnet34"), 1), other)
+    torch.save(model_mod.model_file(r18.state_dict(), small_cfg("resnet34"), 1, InferConfig()), other)
     with pytest.raises(NucleisegError, match="do not fit") as info:
         load_trained(other)
     assert "\n" not in str(info.value)

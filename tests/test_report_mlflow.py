@@ -59,20 +59,19 @@ def log_runs(with_artifacts: bool, tmp_path: Path) -> dict[str, str]:
             tracking.log_params({"backbone": backbone, "model.weights": weights, "train.epochs": epochs, "data.source": source})
             mlflow.log_metrics(metrics)
             if with_artifacts:
-                import torch
-
-                tracking.log_model(torch.nn.Linear(2, 1))  # the real Mask R-CNN is 120+ MB
+                weights_file = tmp_path / "model.pt"
+                weights_file.write_bytes(b"weights")  # the real Mask R-CNN is 120+ MB; logging does not read it
+                tracking.log_model(weights_file)
                 overlay = tmp_path / "overlay.png"
                 Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(overlay)
                 mlflow.log_artifact(str(overlay), artifact_path="overlays")
-                weights_file = tmp_path / "model.pt"
-                weights_file.write_bytes(b"weights")
-                mlflow.log_artifact(str(weights_file), artifact_path="weights")
             ids[name] = run.info.run_id
     return ids
 
 
-def test_report_table_from_runs(store, capsys, monkeypatch):
+def test_report_table_from_runs(store, capsys, monkeypatch, caplog):
+    import logging
+
     import mlflow
 
     ids = log_runs(False, store)
@@ -85,7 +84,11 @@ def test_report_table_from_runs(store, capsys, monkeypatch):
         mlflow.log_metrics({"train/best_epoch": 3})
 
     monkeypatch.chdir(store)
-    assert cli_main(["report"]) == 0  # default --out: reports/results.md
+    with caplog.at_level(logging.INFO):
+        assert cli_main(["report"]) == 0  # default --out: reports/results.md
+    experiment_id = tracking.configure()
+    assert (f"MLflow runs table: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db (from the repository root), then open "
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?viewStateShareKey=nucleiseg") in caplog.messages
     text = (store / "reports/results.md").read_text()
     assert capsys.readouterr().out == text
     assert [p.name for p in (store / "reports").iterdir()] == ["results.md"]  # no temp files left
@@ -180,6 +183,9 @@ def test_mlflow_ui_serves_the_project_store(store):
         experiment_tags = {t["key"]: t["value"] for t in experiment["tags"]}
         assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
         assert "val/ap50" in experiment_tags["mlflow.note.content"]
+        assert json.loads(experiment_tags["mlflow.sharedViewState.nucleiseg"]) == tracking.RUNS_VIEW  # ?viewStateShareKey=nucleiseg
+        listed = get_json(f"{api}/experiments/search", {"max_results": 10})["experiments"]
+        assert [e["name"] for e in listed] == [tracking.EXPERIMENT]  # no empty Default beside it
         runs = get_json(f"{api}/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
         by_backbone = {}
         for run in runs:
@@ -195,7 +201,7 @@ def test_mlflow_ui_serves_the_project_store(store):
             assert logged["val/ap50"] == pytest.approx(metrics["val/ap50"])
             run_id = ids[name]
             files = get_json(f"{api}/artifacts/list?run_id={run_id}")["files"]
-            assert {"overlays", "weights"} <= {f["path"] for f in files}
+            assert "overlays" in {f["path"] for f in files}
             overlays = get_json(f"{api}/artifacts/list?run_id={run_id}&path=overlays")["files"]
             assert [f["path"] for f in overlays] == ["overlays/overlay.png"]
             # MLflow 3: the logged model is its own entity (not under the run's artifacts), linked as a run output.
@@ -204,7 +210,7 @@ def test_mlflow_ui_serves_the_project_store(store):
             model = get_json(f"{api}/logged-models/{model_ids[0]}")["model"]["info"]
             assert model["name"] == "model" and model["source_run_id"] == run_id and model["status"] == "LOGGED_MODEL_READY"
             model_files = get_json(f"{api}/logged-models/{model_ids[0]}/artifacts/directories?{urllib.parse.urlencode({'artifact_directory_path': ''})}")
-            assert "MLmodel" in {f["path"] for f in model_files["files"]}
+            assert {"MLmodel", "mlflow_model.py", "artifacts"} <= {f["path"] for f in model_files["files"]}  # the weights are in artifacts/
         found = get_json(f"{api}/logged-models/search", {"experiment_ids": [experiment["experiment_id"]]})["models"]
         assert {m["info"]["source_run_id"] for m in found} == set(ids.values())
         with urllib.request.urlopen(f"{base}/", timeout=30) as response:

@@ -1,6 +1,6 @@
-"""tracking: the experiment's UI tags, clear errors for a broken or missing store, run tags, quiet log_model."""
+"""tracking: the experiment's UI tags and shared view, no stray Default experiment, clear errors for a broken or
+missing store, run tags."""
 
-import logging
 import os
 
 import pytest
@@ -120,27 +120,48 @@ def test_log_dataset_names_the_data_in_the_runs_table(repo):
     assert {t.key: t.value for t in logged.tags}["mlflow.data.context"] == "training"
 
 
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
+def test_experiment_opens_the_runs_table_with_the_comparing_columns(repo):
+    """The shared-view tag MLflow 3's UI restores from ?viewStateShareKey=nucleiseg, and the URL that does it."""
+    import json
 
-    def emit(self, record):
-        self.messages.append(record.getMessage())
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = tracking.configure()
+    tags = MlflowClient(tracking.tracking_uri()).get_experiment(experiment_id).tags
+    view = json.loads(tags["mlflow.sharedViewState.nucleiseg"])
+    assert view == {"selectedColumns": ["params.`backbone`", "params.`data.source`", "metrics.`val/ap50`", "metrics.`val/ap50_all`",
+                                        "metrics.`val/f1`", "metrics.`val/pq`"],
+                    "orderByKey": "metrics.`val/ap50`", "orderByAsc": False}
+    assert tracking.ui_url(experiment_id) == f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?viewStateShareKey=nucleiseg"
 
 
-def test_log_model_drops_only_the_pickle_warning(repo):
-    import torch
+def test_a_store_made_in_a_temp_copy_keeps_no_default_experiment_pointing_there(repo, tmp_path, monkeypatch):
+    """`dvc exp run --temp`: the stage's cwd is a copy deleted afterwards, DVC_ROOT the repository. MLflow's
+    Default experiment would keep that copy's folder as its artifact location; the project's store hides it."""
+    import shutil
 
-    handler = Records()
-    mlflow_log = logging.getLogger("mlflow.pytorch")
-    mlflow_log.addHandler(handler)
-    try:
-        with tracking.active_run(name="model"):
-            tracking.log_model(torch.nn.Linear(2, 1))
-        mlflow_log.warning("another warning")
-    finally:
-        mlflow_log.removeHandler(handler)
-    assert not [m for m in handler.messages if m.startswith(tracking.PICKLE_WARNING)]
-    assert "another warning" in handler.messages
-    assert not mlflow_log.filters
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "run"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    experiment_id = tracking.configure()
+    shutil.rmtree(copy)
+    client = MlflowClient(tracking.tracking_uri())
+    assert [e.name for e in client.search_experiments()] == [tracking.EXPERIMENT]
+    for experiment in client.search_experiments(view_type=ViewType.ALL):
+        assert experiment.artifact_location == (repo / "mlruns" / "artifacts").as_uri(), experiment.name
+    assert tracking.configure() == experiment_id
+
+
+def test_a_default_experiment_with_runs_is_kept(repo):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking.local_store_uri())
+    run = client.create_run("0")  # someone logged into Default before nucleiseg opened the store
+    client.set_terminated(run.info.run_id)
+    tracking.configure()
+    assert client.get_experiment("0").lifecycle_stage == "active"
+    assert mlflow.get_run(run.info.run_id).info.experiment_id == "0"

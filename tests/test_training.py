@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from nucleiseg.cli import load_model
 from nucleiseg.core.config import AugmentConfig
 from nucleiseg.core.errors import NucleisegError
 from nucleiseg.model.maskrcnn import build_model, load_trained
@@ -237,6 +238,41 @@ class KilledInEpoch(TileDataset):
         return super().__getitem__(key)
 
 
+def test_interrupt_message_says_whether_a_rerun_resumes(tmp_path, make_params, capsys, monkeypatch):
+    """Ctrl-C before the first checkpoint: nothing will be resumed; after it: the file a rerun resumes from."""
+    import signal
+
+    from nucleiseg.core.errors import RUN_AGAIN, Interrupted, main_guard
+
+    monkeypatch.chdir(tmp_path)
+    params, split = make_params(), tmp_path / "data" / "split.json"
+
+    def interrupted(exc) -> str:
+        def stage():
+            raise exc
+
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            with pytest.raises(SystemExit) as info:
+                main_guard(stage)()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        assert info.value.code == 130
+        (line,) = capsys.readouterr().err.splitlines()
+        return line
+
+    before = interrupted(Interrupted(training.interrupted_message(params, training.TrainInputs(split=split))))
+    assert before == ("error: interrupted; no epoch had finished, so no checkpoint was written and nothing will be resumed: "
+                      "running the train stage again starts from epoch 1")
+    ckpt = training.checkpoint_path(params, training.TrainInputs(split=split))
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"checkpoint")
+    after = interrupted(Interrupted(training.interrupted_message(params, training.TrainInputs(split=split))))
+    assert after == (f"error: interrupted; the last finished epoch is checkpointed in checkpoints/{ckpt.name}: "
+                     "run the train stage again to resume from there")
+    assert interrupted(KeyboardInterrupt()) == f"error: interrupted; {RUN_AGAIN}"  # the other stages keep nothing
+
+
 def test_killed_run_resumes_from_last_checkpoint(tiny_tiles, tmp_path, train_cfg):
     """Killed in epoch 2 (after epoch 1's checkpoint), run again: only epoch 2 runs, and the weights equal an uninterrupted run's."""
     cfg = train_cfg(**{**RESUME, "lr": 1e-2})
@@ -369,6 +405,7 @@ def test_run_training_keeps_the_best_val_epoch_and_logs_a_complete_mlflow_run(ti
     assert [line.split(",")[2] for line in curves[1:]] == ["0.9", "0.1"]
     saved = torch.load(out.model, weights_only=True)  # plain data: loads without unpickling code
     assert saved["model_config"] == {**dataclasses.asdict(params.model), "norm": "groupnorm"} and saved["best_epoch"] == 1
+    assert saved["infer_config"] == dataclasses.asdict(params.infer)  # what validation used; nucleiseg predict starts from it
     assert_same_state(saved["model"], seen[1])
     assert differs(saved["model"], seen[2])
     assert not training.checkpoint_path(params, inputs(tiny_data)).exists(), "resume checkpoint left behind after success"
@@ -406,10 +443,11 @@ def test_run_training_keeps_the_best_val_epoch_and_logs_a_complete_mlflow_run(ti
     assert [m.source_run_id for m in logged] == [run.info.run_id]
     assert logged[0].name == "model"
     files = {a.path for a in client.list_logged_model_artifacts(logged[0].model_id)}
-    assert "MLmodel" in files
+    assert {"MLmodel", "mlflow_model.py", "artifacts"} <= files  # models-from-code + the tensor file, no pickle
     mlflow.set_tracking_uri(run_info["tracking_uri"])
-    reloaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    reloaded, reloaded_file = load_model(f"runs:/{run.info.run_id}/model", "cpu")  # what nucleiseg predict loads
     assert_same_state(reloaded.state_dict(), saved["model"])
+    assert reloaded_file["infer_config"] == dataclasses.asdict(params.infer)
 
 
 def test_crash_inside_the_run_marks_it_failed(tiny_data, mlflow_store, make_params, monkeypatch):

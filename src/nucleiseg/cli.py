@@ -4,22 +4,25 @@
     nucleiseg predict slides/ --model runs:/<run_id>/model --out out/ --window 512 --tta d4
     nucleiseg report --out reports/results.md [--baseline RECIPE]
 
-`predict` goes through the same `Predictor` as the infer stage (windows, stitching, TTA),
-with params.yaml's `infer` section and top-level `device` as defaults and the flags on top.
+`predict` goes through the same `Predictor` as the infer stage (windows, stitching, TTA), with
+the infer settings the model was validated with (saved in its model file by the train stage) and
+the flags on top; `--params FILE` takes a params file's `infer` section and `device` instead. The
+params.yaml of the current folder is never read unless named.
 
 Two thresholds, as in the pipeline:
-- `predictions.json` holds every detection scored >= the detection floor (params
-  infer.score_threshold, 0.05 by default; lower when --score-threshold is lower), like the
+- `predictions.json` holds every detection scored >= the detection floor (infer.score_threshold
+  of the settings above, 0.05 by default; lower when --score-threshold is lower), like the
   infer stage's predictions: COCO AP needs them all. Image ids are input positions 1..n.
 - `<stem>_labels.tif` (uint16 instance labels, 0 = background) and `<stem>_overlay.png`
   (outlines) hold only the detections at the operating point: the score threshold the
   evaluate stage chose on val, read from `operating_point.json` next to the model file (for
   `runs:/<id>/...` the run's `operating_point.json` artifact). --score-threshold overrides it;
-  without either, params infer.score_threshold is used and a warning says so. Label k is the
+  without either, the detection floor is used and a warning says so. Label k is the
   image's k-th entry in predictions.json (best score first), so the label maps' detections
   are a prefix of each image's entries.
 Also `images.json` (id, file_name, path, height, width) and `settings.json` (model, both
-thresholds and where the label threshold came from, the infer settings, device).
+thresholds and where the label threshold came from, the infer settings and where they came
+from, device). Large images show a progress bar per window.
 
 Every input is read before anything is written; outputs are built in a temp folder and moved
 into --out at the end, so a failure (one `error:` line, exit 2) leaves --out as it was.
@@ -45,7 +48,7 @@ log = logging.getLogger("nucleiseg")
 MAX_LABEL = np.iinfo(np.uint16).max
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "file:", "s3://", "gs://", "http://", "https://", "dbfs:/")
 OPERATING_POINT = "operating_point.json"  # the evaluate stage's file next to models/model.pt, and its MLflow artifact
-# Flags that override params.yaml's `infer` section: flag dest -> InferConfig field.
+# Flags that override the model's (or --params FILE's) `infer` settings: flag dest -> InferConfig field.
 INFER_FLAGS = ("window", "overlap", "batch_size", "mask_threshold", "tta", "whole_image")
 
 
@@ -150,33 +153,76 @@ class Settings:
     infer: object  # config.InferConfig: what the Predictor runs with (score_threshold = the detection floor)
     device: str
     label_threshold: float | None  # --score-threshold, or None: the model's operating point decides
+    source: str = "nucleiseg's defaults"  # where `infer` came from, for settings.json and the log
 
 
-def infer_settings(args) -> Settings:
-    """Params file (its `infer` section and top-level `device`), then the flags, all checked by config.py."""
-    from nucleiseg.core.config import InferConfig, Params, params_from_dict, read_params
+def _params_file(args):
+    """The --params file's Params, or None when the flag is not given (params.yaml is never read unasked)."""
+    from nucleiseg.core.config import read_params
 
-    params_path = Path(args.params)
-    if params_path.is_file():
-        params = read_params(params_path)
-        source = f"{params_path} + nucleiseg predict flags"
-    elif args.params_given:
-        raise NucleisegError(f"{params_path}: not found; pass an existing --params file or leave it out")
+    if args.params is None:
+        return None
+    path = Path(args.params)
+    if not path.is_file():
+        raise NucleisegError(f"{path}: not found; pass an existing --params file or leave it out")
+    return read_params(path)
+
+
+def _flag_values(args) -> dict:
+    """The infer flags given, each through the same check as its params.yaml key."""
+    from nucleiseg.core.config import InferConfig
+
+    return {name: _checked_flag(InferConfig, name, getattr(args, name), "--" + name.replace("_", "-"))
+            for name in INFER_FLAGS if getattr(args, name) is not None}
+
+
+def check_flags(args) -> None:
+    """Everything about the command line that can be checked before the model is loaded."""
+    from nucleiseg.core.config import InferConfig, Params, params_from_dict
+
+    _params_file(args)
+    flags = _flag_values(args)
+    if "window" in flags and "overlap" in flags:
+        params_from_dict({"infer": {**dataclasses.asdict(InferConfig()), **flags}}, "nucleiseg predict flags")
+    if args.device is not None:
+        _checked_flag(Params, "device", args.device, "--device")
+    if args.score_threshold is not None:
+        _checked_flag(InferConfig, "score_threshold", args.score_threshold, "--score-threshold")
+
+
+def predict_device(args) -> str:
+    """--device, else the --params file's `device`, else auto."""
+    from nucleiseg.core.config import Params
+
+    if args.device is not None:
+        return _checked_flag(Params, "device", args.device, "--device")
+    params = _params_file(args)
+    return params.device if params is not None else "auto"
+
+
+def infer_settings(args, saved=None, model: str | None = None) -> Settings:
+    """The flags on top of, in this order: the --params file's `infer` section (when given), the infer
+    settings the model was validated with (`saved`, from its model file), nucleiseg's defaults.
+    All checked by config.py."""
+    from nucleiseg.core.config import InferConfig, params_from_dict
+
+    params = _params_file(args)
+    if params is not None:
+        base, source = dataclasses.asdict(params.infer), str(args.params)
+    elif saved is not None:
+        base, source = dataclasses.asdict(saved), f"the settings {model} was validated with"
     else:
-        params = Params()
-        source = "nucleiseg predict flags"
-    infer = dataclasses.asdict(params.infer)
-    for name in INFER_FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            infer[name] = _checked_flag(InferConfig, name, value, "--" + name.replace("_", "-"))
+        base, source = dataclasses.asdict(InferConfig()), "nucleiseg's defaults"
+    flags = _flag_values(args)
+    if flags:
+        source = f"{source} + nucleiseg predict flags" if params is not None or saved is not None else "nucleiseg predict flags"
     # Cross-checks (overlap < window) exactly as for params.yaml.
-    infer_cfg = params_from_dict({"infer": infer}, source).infer
-    device = params.device if args.device is None else _checked_flag(Params, "device", args.device, "--device")
+    infer_cfg = params_from_dict({"infer": {**base, **flags}}, source).infer
+    device = predict_device(args)
     label_threshold = None
     if args.score_threshold is not None:
         label_threshold = _checked_flag(InferConfig, "score_threshold", args.score_threshold, "--score-threshold")
-    return Settings(infer_cfg, device, label_threshold)
+    return Settings(infer_cfg, device, label_threshold, source)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -187,21 +233,39 @@ def is_mlflow_uri(model: str) -> bool:
 
 
 def load_model(model: str, device):
-    """A Mask R-CNN in eval mode from models/model.pt (train stage output) or an MLflow model URI."""
-    from nucleiseg.model.maskrcnn import WindowTransform, load_trained
+    """(Mask R-CNN in eval mode, the model file's dict) from models/model.pt (train stage output) or an
+    MLflow model URI. Either way only a tensor-only model file is loaded (torch.load(weights_only=True));
+    an MLflow model's pickles and code are never loaded or run."""
+    from nucleiseg.model.maskrcnn import load_trained
 
     if not is_mlflow_uri(model):
         try:
-            net, _ = load_trained(model, device)
+            net, ckpt = load_trained(model, device)
         except NucleisegError:
             raise
         except Exception as exc:  # a file load_trained does not foresee: still one line, never a traceback
             raise NucleisegError(f"{model}: cannot build a model from this file ({type(exc).__name__}: {_one_line(exc)[:200]}); "
                                  "use a models/model.pt written by the train stage") from None
-        return net.eval()
+        return net.eval(), ckpt
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="nucleiseg-model-") as tmp:
+        path, where = download_model_file(model, Path(tmp))
+        try:
+            net, ckpt = load_trained(path, device)
+        except NucleisegError as exc:  # name the file in the run, not the temp copy
+            raise NucleisegError(str(exc).replace(str(path), where)) from None
+        except Exception as exc:
+            raise NucleisegError(f"{where}: cannot build a model from this file ({type(exc).__name__}: {_one_line(exc)[:200]})") from None
+    return net.eval(), ckpt
+
+
+def download_model_file(model: str, dst: Path) -> tuple[Path, str]:
+    """(local copy of the MLflow model's tensor-only model file, its name in the store): nothing else
+    of the model is downloaded."""
     # MLflow draws a progress bar per download (the model, operating_point.json): noise in this command's output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import mlflow.pytorch
+    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
     from nucleiseg.track import runs as tracking
@@ -212,14 +276,22 @@ def load_model(model: str, device):
     if model.startswith("runs:/"):
         tracking.check_run(_mlflow_run_id(model) or "(none)", fix="check the run id with `mlflow ui`")
     tracking.configure()
+    where = f"{model.rstrip('/')}/{tracking.MODEL_FILE}"
     try:
-        net = mlflow.pytorch.load_model(model, map_location="cpu")
+        base = model
+        if model.startswith("models:/"):  # models:/<id or name/version> has no sub-paths: its storage location has
+            from mlflow.store.artifact.models_artifact_repo import (
+                ModelsArtifactRepository,
+            )
+
+            base = ModelsArtifactRepository.get_underlying_uri(model)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{base.rstrip('/')}/{tracking.MODEL_FILE}", dst_path=str(dst))
     except (MlflowException, OSError) as exc:
         first = _one_line(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
-        raise NucleisegError(f"{model}: cannot load the MLflow model ({first}); check the run id / model name with `mlflow ui`") from None
-    if not hasattr(net, "roi_heads") or not isinstance(getattr(net, "transform", None), WindowTransform):
-        raise NucleisegError(f"{model}: not a nucleiseg Mask R-CNN (logged by the train stage as 'model')")
-    return net.to(device).eval()
+        raise NucleisegError(f"{where}: not found ({first[:200]}); nucleiseg loads only this tensor-only file of a model "
+                             "logged by its train stage, never a pickled one: check the run id / model with `mlflow ui`, "
+                             "or pass a models/model.pt file") from None
+    return Path(local), where
 
 
 def _mlflow_run_id(model: str) -> str | None:
@@ -311,8 +383,8 @@ def write_image_outputs(folder: Path, stem: str, image: np.ndarray, instances) -
 
 
 def predict_command(args) -> int:
-    # Everything that can be checked without torch first: settings, inputs, the model file.
-    settings = infer_settings(args)
+    # Everything that can be checked without torch first: flags, inputs, the model file.
+    check_flags(args)
     if args.max_megapixels is not None and not args.max_megapixels > 0:
         raise NucleisegError(f"--max-megapixels {args.max_megapixels} is not allowed; expected a number > 0 (inf: no limit)")
     images = collect_images(args.inputs)
@@ -332,20 +404,28 @@ def predict_command(args) -> int:
     from nucleiseg.core.runtime import resolve_device
     from nucleiseg.data.layout import read_rgb
     from nucleiseg.evaluate.evaluator import at_threshold
+    from nucleiseg.model.maskrcnn import saved_infer_config
     from nucleiseg.predict.predictor import Predictor
 
+    wanted = predict_device(args)
     try:
-        device = resolve_device(settings.device)
+        device = resolve_device(wanted)
     except NucleisegError:  # device=cuda without a visible GPU
         where = "--device" if args.device is not None else f"{args.params}: device ="
-        raise NucleisegError(f"{where} {settings.device}, but no CUDA device is visible; use --device auto or --device cpu") from None
-    model = load_model(args.model, device)
+        raise NucleisegError(f"{where} {wanted}, but no CUDA device is visible; use --device auto or --device cpu") from None
+    model, ckpt = load_model(args.model, device)
+    saved = saved_infer_config(ckpt, args.model)
+    if saved is None and args.params is None:
+        log.warning("%s does not say which infer settings it was validated with (written before model files kept them): "
+                    "using nucleiseg's defaults; pass --params params.yaml to take its infer section", args.model)
+    settings = infer_settings(args, saved, args.model)
     threshold, threshold_source = label_threshold(args.model, settings)
     # The detector keeps everything >= the floor (predictions.json); the label maps are a prefix of that.
     cfg = dataclasses.replace(settings.infer, score_threshold=min(settings.infer.score_threshold, threshold))
-    predictor = Predictor(model, cfg, device)
-    log.info("predicting %d image(s) with %s on %s (window %d, overlap %d%s); label maps at score >= %g (%s) -> %s",
-             len(images), args.model, device, cfg.window, cfg.overlap, f", TTA {cfg.tta}" if cfg.tta != "none" else "", threshold, threshold_source, out_dir)
+    predictor = Predictor(model, cfg, device, progress=True)
+    log.info("predicting %d image(s) with %s on %s (window %d, overlap %d%s: %s); label maps at score >= %g (%s) -> %s",
+             len(images), args.model, device, cfg.window, cfg.overlap, f", TTA {cfg.tta}" if cfg.tta != "none" else "", settings.source,
+             threshold, threshold_source, out_dir)
 
     results: list[dict] = []
     records: list[dict] = []
@@ -379,7 +459,7 @@ def predict_command(args) -> int:
         settings_doc = {
             "model": args.model, "device": str(device),
             "label_score_threshold": threshold, "label_score_threshold_source": threshold_source,
-            "detection_score_threshold": cfg.score_threshold, "infer": dataclasses.asdict(cfg),
+            "detection_score_threshold": cfg.score_threshold, "infer": dataclasses.asdict(cfg), "infer_source": settings.source,
         }
         (stage / "settings.json").write_text(json.dumps(settings_doc, indent=2))
         index_tmp.write_text(json.dumps(records, indent=2))
@@ -405,23 +485,18 @@ def _write_errors(out_dir: Path):
 
 
 def report_command(args) -> int:
+    from nucleiseg.track import runs as tracking
     from nucleiseg.track.report import write_report
 
     text = write_report(Path(args.out), baseline=args.baseline)
     sys.stdout.write(text)
     log.info("wrote %s", args.out)
+    where = f"{tracking.UI_COMMAND} (from the repository root), then open" if tracking.uses_local_store() else "open"
+    log.info("MLflow runs table: %s %s", where, tracking.ui_url(tracking.configure()))
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- parser
-
-
-class _ParamsAction(argparse.Action):
-    """Remembers that --params was given explicitly (then a missing file is an error)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        namespace.params_given = True
 
 
 class _Parser(argparse.ArgumentParser):
@@ -446,23 +521,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="models/model.pt",
                    help="models/model.pt (default), or an MLflow model URI: runs:/<run_id>/model, models:/<model_id>")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--params", default="params.yaml", action=_ParamsAction,
-                   help="its `infer` section and `device` are the defaults; flags override (default: params.yaml if present)")
+    p.add_argument("--params", metavar="FILE",
+                   help="take `infer` and `device` from this params file (e.g. params.yaml) instead of the settings the model "
+                        "was validated with, which are the default; flags override either")
     p.add_argument("--window", type=int, help="window size in pixels")
     p.add_argument("--overlap", type=int, help="window overlap in pixels (> largest nucleus)")
     p.add_argument("--batch-size", type=int, help="windows per forward pass")
     p.add_argument("--score-threshold", type=float,
                    help="label maps and overlays keep detections scored >= this (default: the model's operating point, "
-                        "else params infer.score_threshold)")
+                        "else the detection floor infer.score_threshold)")
     p.add_argument("--mask-threshold", type=float, help="mask probability threshold")
     p.add_argument("--tta", choices=("none", "flip", "d4"),
                    help="test-time augmentation: none, flip (4 flips, mask NMS) or d4 (8 flips/turns, per-instance mask voting)")
     p.add_argument("--whole-image", action=argparse.BooleanOptionalAction, default=None, help="one pass per image, no windows")
-    p.add_argument("--device", help="auto | cpu | cuda | mps (default: params.yaml's device, else auto)")
+    p.add_argument("--device", help="auto | cpu | cuda | mps (default: the --params file's device, else auto)")
     p.add_argument("--max-megapixels", type=float,
                    help=f"refuse larger images, read from their header before decoding (default: ${MAX_MEGAPIXELS_ENV}, else "
                         f"{DEFAULT_MAX_MEGAPIXELS:g}); raise it for whole-slide images, inf for no limit")
-    p.set_defaults(func=predict_command, params_given=False)
+    p.set_defaults(func=predict_command)
 
     r = sub.add_parser("report", help="Markdown tables of the MLflow runs: recipes over folds, then runs (reports/results.md)")
     r.add_argument("--out", default="reports/results.md", help="output Markdown file (default: reports/results.md)")

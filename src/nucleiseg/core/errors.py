@@ -75,10 +75,19 @@ def _redact_log_records() -> None:
     logging.setLogRecordFactory(factory)
 
 
-def main_guard(func=None, *, interrupted: str = "interrupted; run the stage again to resume"):
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with what running again will do (the train stage: resume, or start over)."""
+
+
+# Every stage writes its outputs atomically and only train keeps a resume checkpoint (its Interrupted says).
+RUN_AGAIN = "nothing half-written was kept; running it again starts over"
+
+
+def main_guard(func=None, *, interrupted: str = f"interrupted; {RUN_AGAIN}"):
     """Decorate a `main()`: NucleisegError and OSError -> one 'error: ...' line and exit 2.
 
-    `interrupted` is the line for Ctrl-C / SIGTERM (exit 130). No output names a URI's
+    `interrupted` is the line for Ctrl-C / SIGTERM (exit 130), unless the code raised an
+    `Interrupted` that says what running again will do. No output names a URI's
     credentials: error lines, log records and the traceback of an unexpected error are redacted.
     """
     if func is None:
@@ -101,8 +110,9 @@ def main_guard(func=None, *, interrupted: str = "interrupted; run the stage agai
             logging.getLogger(__name__).debug("traceback", exc_info=True)
             print(f"error: {redact(os_error_text(exc))}", file=sys.stderr)
             sys.exit(2)
-        except KeyboardInterrupt:
-            print(f"error: {interrupted}", file=sys.stderr)
+        except KeyboardInterrupt as exc:
+            said = f"interrupted; {exc}" if isinstance(exc, Interrupted) and str(exc) else interrupted
+            print(f"error: {redact(said)}", file=sys.stderr)
             sys.exit(130)
         except Exception:  # a bug: keep its traceback, without secrets
             print(redact(traceback.format_exc()), file=sys.stderr, end="")

@@ -100,9 +100,10 @@ def _offline_hint(file_id: str, expected: str | None) -> str:
     command = f"dvc exp run -S data.source=/path/to/{HOMEWORK_ZIP_NAME if homework else 'the-file.zip'}"
     if digest:
         command += f" -S data.sha256={digest}"
+    command += " -S model.weights=none"  # offline, the pretrained weights cannot be downloaded either
     return (
         f"download the zip yourself from https://drive.google.com/file/d/{file_id}, then run "
-        f"`{command}`, or use data.source=synthetic for the offline demo"
+        f"`{command}` (a GPU job; on a CPU: scripts/quickstart /path/to/the.zip), or use data.source=synthetic for the offline demo"
     )
 
 
@@ -311,12 +312,13 @@ def _relabel(exc: NucleisegError, root: Path, name_for) -> NucleisegError:
 
 
 def _validate(root: Path, name_for) -> int:
-    """Check the layout (train ids, test index); messages name the source, not the temp copy."""
-    from nucleiseg.data.layout import load_test_index, train_ids
+    """Check the layout and every image and mask (all training images, whatever the split later holds out,
+    and the test images; PNG masks to their last byte without decoding, the tile stage decodes them);
+    messages name the source, not the temp copy."""
+    from nucleiseg.data.layout import check_dataset
 
     try:
-        train_ids(root)
-        return len(load_test_index(root))
+        return check_dataset(root, decode=False)
     except NucleisegError as exc:
         raise _relabel(exc, root, name_for) from None
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from nucleiseg.core.errors import NucleisegError
 from nucleiseg.core.io import read_json
@@ -222,20 +222,29 @@ def train_image_path(raw_dir: str | Path, name: str) -> Path:
     return image_path
 
 
+def _mask_paths(raw_dir: str | Path, name: str) -> list[Path]:
+    masks_dir = Path(raw_dir) / "train" / name / "masks"
+    return sorted(p for p in masks_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if masks_dir.is_dir() else []
+
+
+def _check_mask_size(path: Path, mask: np.ndarray, image: np.ndarray) -> None:
+    if mask.shape != image.shape[:2]:
+        raise NucleisegError(
+            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}; masks must match their image size"
+        )
+
+
 def load_train_sample(raw_dir: str | Path, name: str, workers: int = 4) -> Sample:
     """One training image and its nuclei; empty masks are skipped with a warning."""
     image = read_rgb(train_image_path(raw_dir, name))
     masks_dir = Path(raw_dir) / "train" / name / "masks"
-    mask_paths = sorted(p for p in masks_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if masks_dir.is_dir() else []
+    mask_paths = _mask_paths(raw_dir, name)
     # Decoding ~1,000 PNGs per image is zlib-bound and releases the GIL: threads help.
     with ThreadPoolExecutor(max_workers=workers) as pool:
         masks = list(pool.map(read_mask, mask_paths))
     instances, empty = [], 0
     for path, mask in zip(mask_paths, masks):
-        if mask.shape != image.shape[:2]:
-            raise NucleisegError(
-                f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}; masks must match their image size"
-            )
+        _check_mask_size(path, mask, image)
         inst = from_full_mask(mask)
         if inst is None:
             empty += 1
@@ -272,6 +281,62 @@ def load_test_index(raw_dir: str | Path) -> list[TestImage]:
             if path.suffix.lower() in IMAGE_SUFFIXES and path.name not in seen_files:
                 raise NucleisegError(f"{path}: test image missing from {ids_path}; add an entry with its id")
     return out
+
+
+def checked_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file, checked to its last byte: a PNG's chunks are all read with their
+    CRCs (a truncated or damaged file fails) without inflating the pixels, ~100x faster than decoding;
+    other formats are decoded."""
+    if path.suffix.lower() != ".png":
+        return read_array(path).shape[:2]
+    if not path.is_file():
+        raise NucleisegError(f"{path}: file not found")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            _check_size(path, width, height, 1, megapixel_limit())
+            img.verify()
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
+        raise NucleisegError(f"{path}: unreadable or truncated image ({exc}); replace the file") from None
+    return height, width
+
+
+def check_train_sample(raw_dir: str | Path, name: str, workers: int = 4, decode: bool = True) -> None:
+    """What load_train_sample would refuse, without keeping the masks: the image decodes, every mask is
+    readable (decoded, or with decode=False checked by `checked_size`) and has its image's size.
+    NucleisegError names the first bad file."""
+    image = read_rgb(train_image_path(raw_dir, name))
+
+    def check(path: Path) -> None:
+        if decode:
+            _check_mask_size(path, read_mask(path), image)
+        else:
+            _check_mask_size(path, np.empty(checked_size(path), dtype=bool), image)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(check, _mask_paths(raw_dir, name)):
+            pass
+
+
+def check_test_images(raw_dir: str | Path) -> int:
+    """Every test image is listed once in test_img_ids.json, decodes, and has the size listed there; returns the count."""
+    entries = load_test_index(raw_dir)
+    for entry in entries:
+        height, width = read_rgb(entry.path).shape[:2]
+        if (entry.height and entry.height != height) or (entry.width and entry.width != width):
+            raise NucleisegError(f"{entry.path}: image is {width}x{height} but test_img_ids.json lists {entry.width}x{entry.height}; "
+                                 "fix the entry or replace the image")
+    return len(entries)
+
+
+def check_dataset(raw_dir: str | Path, names: list[str] | None = None, workers: int = 4, decode: bool = True) -> int:
+    """Check the training images `names` (all when None) with their masks (`check_train_sample`), and
+    the test images: bad data is refused before any output, not when a later stage first reads the file.
+    Returns the number of test images. Decoding the real data's 14,598 masks takes ~40 s on 2 busy
+    cores, checking them with decode=False under 1 s."""
+    for name in train_ids(raw_dir) if names is None else names:
+        check_train_sample(raw_dir, name, workers, decode)
+    return check_test_images(raw_dir)
 
 
 def val_image_ids(names: list[str]) -> dict[str, int]:

@@ -37,7 +37,12 @@ from torchvision.models.detection.transform import (
 )
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from nucleiseg.core.config import ModelConfig, model_config_from_dict
+from nucleiseg.core.config import (
+    InferConfig,
+    ModelConfig,
+    model_config_from_dict,
+    params_from_dict,
+)
 from nucleiseg.core.errors import NucleisegError
 
 log = logging.getLogger(__name__)
@@ -322,15 +327,25 @@ def _state_mismatch(own: dict, state: dict) -> str | None:
     return f"unexpected {extra[0]}" if extra else None
 
 
-MODEL_FILE_FORMAT = 2  # 2: the norm stored resolved, no box_score_thresh/min_size/max_size in the config
+MODEL_FILE_FORMAT = 2  # 2: the norm stored resolved, the infer settings validation used, no box_score_thresh/min_size/max_size
 
 
-def model_file(state: dict, cfg: ModelConfig, best_epoch: int) -> dict:
+def model_file(state: dict, cfg: ModelConfig, best_epoch: int, infer: InferConfig) -> dict:
     """What models/model.pt holds (read back by `load_trained`). Its config keeps the norm resolved,
     so that loading rebuilds the same layers whatever `auto` means then, and without downloading
-    the weights training started from."""
+    the weights training started from. `infer` is what the train stage's validation predicted with
+    (`saved_infer_config`): `nucleiseg predict` starts from it, so a model is used as it was judged."""
     config = dataclasses.asdict(dataclasses.replace(cfg, norm=resolve_norm(cfg)))
-    return {"format": MODEL_FILE_FORMAT, "model": state, "model_config": config, "best_epoch": best_epoch}
+    return {"format": MODEL_FILE_FORMAT, "model": state, "model_config": config, "best_epoch": best_epoch,
+            "infer_config": dataclasses.asdict(infer)}
+
+
+def saved_infer_config(ckpt: dict, source: str) -> InferConfig:
+    """The infer settings the model was validated with, saved in its file; checked like params.yaml's."""
+    values = ckpt.get("infer_config")
+    if not isinstance(values, dict):
+        raise NucleisegError(f"{source}: its infer_config is missing or not a mapping; the file is damaged or was edited, retrain it")
+    return params_from_dict({"infer": values}, f"{source} (saved infer settings)").infer
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[NucleiMaskRCNN, dict]:

@@ -29,10 +29,12 @@ class Predictor:
     """Whole-image instances from a model in eval mode on `device`. The model is anything with
     `detect(images, score_floor)` (`NucleiMaskRCNN`); infer.score_threshold is the floor passed to it."""
 
-    def __init__(self, model: torch.nn.Module, cfg: InferConfig, device: torch.device | str = "cpu"):
+    def __init__(self, model: torch.nn.Module, cfg: InferConfig, device: torch.device | str = "cpu", progress: bool = False):
         self.model = model
         self.cfg = cfg
         self.device = torch.device(device)
+        # A bar per image over its windows (nucleiseg predict): a large image on a CPU takes minutes.
+        self.progress = progress
 
     def _to_instances(self, output: dict, size: int, offset=(0, 0)) -> list[Instance]:
         cfg = self.cfg
@@ -43,6 +45,9 @@ class Predictor:
         transforms = TRANSFORMS[self.cfg.tta]
         # per_pass[k][t]: window k's instances from transform t, in window coordinates
         per_pass: list[list[list[Instance]]] = [[] for _ in crops]
+        passes = len(transforms) * len(crops)
+        shown = self.progress and passes > self.cfg.batch_size
+        bar = tqdm(total=passes, desc="windows", unit="window", leave=False, disable=None if shown else True)
         for turns, mirror in transforms:
             # Float tensors one batch at a time: all windows at once would cost ~14x the uint8 image.
             for start in range(0, len(crops), self.cfg.batch_size):
@@ -50,6 +55,8 @@ class Predictor:
                 outputs = predict_batch(self.model, tensors, self.device, self.cfg.score_threshold)
                 for k, output in enumerate(outputs):
                     per_pass[start + k].append([invert(inst, turns, mirror, size) for inst in self._to_instances(output, size)])
+                bar.update(len(tensors))
+        bar.close()
         if self.cfg.tta == "d4":
             min_area = max(self.cfg.min_area, 1)  # a voted mask can come out smaller than every member
             return [[inst for inst in vote(passes) if inst.area >= min_area] for passes in per_pass]

@@ -5,7 +5,7 @@ All state lives under `<repo>/mlruns/` (a SQLite store `mlflow.db` plus an
 which run in a throw-away copy, still land their runs in the real repository.
 A set MLFLOW_TRACKING_URI (e.g. a team server) wins.
 
-Three things MLflow does not do for a per-repository SQLite store, done here:
+Four things MLflow does not do for a per-repository SQLite store, done here:
 
 - Safe first use. MLflow creates and migrates a missing SQLite store in whichever
   process opens it first, without a lock: two stages (or `dvc exp run --queue` jobs)
@@ -21,6 +21,9 @@ Three things MLflow does not do for a per-repository SQLite store, done here:
   own rows when they point into another repository's `mlruns/artifacts` (see
   `follow_repository`): the store file is per repository, so this never touches the
   original's store.
+- No stray experiment. Every new store gets an empty `Default` experiment whose artifact
+  location is the creating process's folder (a `--temp` copy, deleted afterwards); it is
+  pointed at this store and deleted (`_retire_default`), so the UI lists the project's alone.
 """
 
 from __future__ import annotations
@@ -58,16 +61,39 @@ EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",
     "mlflow.note.content": (
         "Nuclei instance segmentation with Mask R-CNN: one run per trained model. The train stage "
-        "creates the run (params, per-epoch train/ metrics, weights, model); the evaluate stage adds "
+        "creates the run (params, per-epoch train/ metrics, the model with its weights); the evaluate stage adds "
         "val/ metrics (val/ap50 = leaderboard-style AP50 with the top 100 detections per image; "
         "val/ap50_all, val/f1, val/aji, val/pq) and overlays.\n\n"
         "Run names read `<DVC experiment> · <backbone> · <data source>` (`<backbone> · <data source>` outside DVC "
-        "experiments); the Dataset column names the data too. To compare runs, "
-        "add the columns val/ap50 and the tags backbone and data_source (Columns button), or run "
-        "`python -m nucleiseg report` for the results table in reports/results.md. "
+        "experiments); the Dataset column names the data too. `nucleiseg report` prints the URL that opens "
+        "this table with backbone, data.source, val/ap50, val/ap50_all, val/f1 and val/pq as columns, best "
+        "val/ap50 first, and writes the results table to reports/results.md. "
         "Runs with data_source=synthetic are the offline demo, not results on the homework data."
     ),
 }
+
+# MLflow 3's runs table shows no params or metrics until columns are picked. It restores a shared
+# view from the experiment tag `mlflow.sharedViewState.<key>` when the URL carries
+# `?viewStateShareKey=<key>` (`ui_url`): the columns that compare runs, best val/ap50 first.
+VIEW_KEY = "nucleiseg"
+RUNS_VIEW = {
+    "selectedColumns": ["params.`backbone`", "params.`data.source`", "metrics.`val/ap50`", "metrics.`val/ap50_all`",
+                        "metrics.`val/f1`", "metrics.`val/pq`"],
+    "orderByKey": "metrics.`val/ap50`",
+    "orderByAsc": False,
+}
+EXPERIMENT_TAGS[f"mlflow.sharedViewState.{VIEW_KEY}"] = json.dumps(RUNS_VIEW)
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+UI_COMMAND = "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db"
+
+
+def ui_url(experiment_id: str) -> str:
+    """The experiment's runs table with the shared view's columns: in `mlflow ui` on this store, or
+    on the tracking server when MLFLOW_TRACKING_URI names one."""
+    uri = tracking_uri()
+    address = uri.rstrip("/") if not uses_local_store() and uri.startswith(("http://", "https://")) else UI_ADDRESS
+    return f"{address}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+
 
 # (table, column) pairs of MLflow's SQL schema that hold absolute artifact locations.
 ARTIFACT_COLUMNS = (
@@ -228,6 +254,29 @@ def _experiment(client, name: str):
     return experiment
 
 
+def _retire_default(client) -> None:
+    """Hide the empty `Default` experiment MLflow puts in every new store.
+
+    MLflow creates experiment 0 with each store, its artifact location resolved from the working
+    folder of whichever process created the store: under `dvc exp run --temp` a copy deleted
+    afterwards. nucleiseg logs only into its own experiment, so an empty Default is pointed at this
+    store's artifacts and deleted (`mlflow experiments restore --experiment-id 0` brings it back);
+    the UI then lists only the project's experiment. One with runs is left alone.
+    """
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
+    try:
+        default = client.get_experiment("0")
+    except MlflowException:  # removed from the database by hand: nothing to hide
+        return
+    if default.lifecycle_stage != "active" or client.search_runs(["0"], run_view_type=ViewType.ALL, max_results=1):
+        return
+    with closing(sqlite3.connect(store_db(), timeout=60)) as conn, conn:
+        conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (artifact_root_uri(),))
+    client.delete_experiment("0")
+
+
 def _add_missing_tags(client, experiment) -> None:
     """Experiments made before EXPERIMENT_TAGS existed get them; tags a user edited are kept."""
     for key, value in EXPERIMENT_TAGS.items():
@@ -300,6 +349,8 @@ def _open(uri: str, name: str):
         client = MlflowClient(uri)
         found = _experiment(client, name)
         _add_missing_tags(client, found)
+        if uri == local_store_uri():
+            _retire_default(client)
     except NucleisegError:
         raise
     except Exception as exc:  # sqlalchemy / alembic / MlflowException / connection errors
@@ -452,31 +503,44 @@ def log_params(params: dict) -> None:
     mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
 
 
+# What the logged model's code imports (nucleiseg's predict path): pinned to the versions installed here.
+MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy", "scipy", "pillow", "tifffile", "pycocotools", "pyyaml", "tqdm")
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # the models-from-code file (see its docstring)
+MODEL_FILE = "artifacts/model.pt"  # the tensor-only model file inside a logged model; what `nucleiseg predict` loads
+
+
 def pip_requirements() -> list[str]:
-    import torch
-    import torchvision
+    from importlib.metadata import version
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}", "numpy"]
-
-
-PICKLE_WARNING = "Saving pytorch model by Pickle or CloudPickle format"
+    return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
 
 
-class _DropPickleWarning(logging.Filter):
-    """MLflow's advice to use pt2 cannot be followed (pt2 export fails on Mask R-CNN)."""
+def log_model(model_file: Path, name: str = "model") -> None:
+    """The run's logged model (MLflow's "Logged models"): models-from-code, never a pickle.
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(PICKLE_WARNING)
+    It holds the tensor-only model file (`artifacts/model.pt`, models/model.pt as the train stage
+    wrote it), `mlflow_model.py` and the nucleiseg package as code, and pinned requirements.
+    `nucleiseg predict --model runs:/<id>/model` downloads only artifacts/model.pt and loads it with
+    torch.load(weights_only=True); `mlflow.pyfunc.load_model` runs the logged code, as any pyfunc
+    does, so it is for runs whose store you trust.
+    """
+    import warnings
 
+    import mlflow.pyfunc
 
-def log_model(model, name: str = "model") -> None:
-    """The model as an MLflow pytorch flavour (pickle: the default pt2 export fails on Mask R-CNN)."""
-    import mlflow.pytorch
-
-    mlflow_log = logging.getLogger("mlflow.pytorch")
-    quiet = _DropPickleWarning()
-    mlflow_log.addFilter(quiet)
+    # MLflow draws a download bar while it copies the weights into the model: noise in the stage's log.
+    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        mlflow.pytorch.log_model(model.cpu(), name=name, serialization_format="pickle", pip_requirements=pip_requirements())
+        with warnings.catch_warnings():  # MLflow asks for an input example; an image path list has none worth storing
+            warnings.filterwarnings("ignore", message=".*(input example|signature).*", category=UserWarning)
+            mlflow.pyfunc.log_model(
+                name=name, python_model=str(MODEL_CODE), artifacts={"model": str(model_file)},
+                code_paths=[str(Path(__file__).resolve().parents[1])], pip_requirements=pip_requirements(),
+            )
     finally:
-        mlflow_log.removeFilter(quiet)
+        if previous is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
+

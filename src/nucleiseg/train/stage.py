@@ -63,6 +63,19 @@ def checkpoint_path(params: Params, inputs: TrainInputs, checkpoints_dir: Path |
     return (checkpoints_dir or repo_root() / "checkpoints") / f"train-{digest}.pt"
 
 
+def interrupted_message(params: Params, inputs: TrainInputs, checkpoints_dir: Path | None = None) -> str:
+    """What a rerun of an interrupted train stage will do: resume from the checkpoint, or (none was
+    written: no epoch had finished) start over."""
+    path = checkpoint_path(params, inputs, checkpoints_dir)
+    if path.is_file():
+        try:
+            shown = path.relative_to(Path.cwd().resolve())
+        except ValueError:
+            shown = path
+        return f"the last finished epoch is checkpointed in {shown}: run the train stage again to resume from there"
+    return "no epoch had finished, so no checkpoint was written and nothing will be resumed: running the train stage again starts from epoch 1"
+
+
 VAL_CURVES = ("val_ap50_all", "val_ap50", "val_f1", "val_pq")
 CURVE_COLUMNS = ["epoch", "train_loss", *VAL_CURVES, "val_score_threshold", "lr", "epoch_seconds", "windows_per_second", "loader_wait_share"]
 
@@ -184,7 +197,7 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
         }
         model.load_state_dict(result.best_state)
         with atomic_path(outputs.model) as tmp:
-            torch.save(model_file(result.best_state, mcfg, result.best_epoch), tmp)
+            torch.save(model_file(result.best_state, mcfg, result.best_epoch, params.infer), tmp)
         metrics["stage_seconds"] = time.perf_counter() - stage_started
         write_json(outputs.metrics, metrics)
         write_curves(result.history, outputs.curves)
@@ -193,7 +206,7 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
         plot_curves(result.history, curves_png)
         mlflow.log_artifact(str(curves_png), artifact_path="plots")
         curves_png.unlink()
-        tracking.log_model(model)
+        tracking.log_model(outputs.model)
         write_json(outputs.run, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": redact(tracking.tracking_uri())})
     log.info("trained %s in %.0f s; best epoch %d", mcfg.backbone, time.perf_counter() - stage_started, result.best_epoch)
     ckpt_path.unlink(missing_ok=True)
