@@ -88,13 +88,13 @@ def main(argv=None) -> int:
         t, c = time.perf_counter(), time.process_time()
         tensors = [to_tensor(crop_window(image, w)) for w in tiles]
         for start in range(0, len(tensors), icfg.batch_size):
-            predict_batch(timer, tensors[start : start + icfg.batch_size], device, icfg.score_threshold)
+            predict_batch(timer, tensors[start : start + icfg.batch_size], device, icfg.score_floor)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t, time.process_time() - c
 
     # warm-up with a full batch: the first batch of a shape pays for allocator growth and kernel selection
-    predict_batch(model, [to_tensor(crop_window(image, w)) for w in tiles[: icfg.batch_size]], device, icfg.score_threshold)
+    predict_batch(model, [to_tensor(crop_window(image, w)) for w in tiles[: icfg.batch_size]], device, icfg.score_floor)
     fwd, pred, inside, fwd_cpu, pred_cpu, inside_cpu, n_inst, n_det = [], [], [], [], [], [], 0, 0
     for _ in range(args.repeats):
         timer.reset()

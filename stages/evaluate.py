@@ -25,7 +25,7 @@ def main() -> None:
     tracking.check_run(run_id)  # before any output: a missing run is found first, not after writing half
     outputs = EvaluateOutputs()
     metrics = evaluate_predictions(Path("data/raw"), Path("data/split.json"), Path("predictions"), params.evaluate,
-                                   params.infer.score_threshold, params.data.test_annotations, outputs)
+                                   params.infer.score_floor, params.data.test_annotations, outputs)
     log_evaluation(run_id, metrics, outputs, Path("submission/answer.json"))
     if metrics.get("val_images") == 0:
         log.warning("no val images (data.fold: all): nothing to score on val; the folds' runs hold the val metrics "

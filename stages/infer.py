@@ -1,5 +1,5 @@
 """DVC stage `infer`: models/model.pt -> predictions/val.json, predictions/test.json (whole images, stitched;
-every detection above infer.score_threshold, for AP; the evaluate stage chooses the operating point).
+every detection above infer.score_floor, for AP; the evaluate stage chooses the operating point).
 Without val images (data.fold: all) only predictions/test.json."""
 
 import json

@@ -95,7 +95,7 @@ def _no_params_file(tmp_path, monkeypatch):
 
 
 def test_predict_one_image_with_the_real_predictor(tmp_path, model_file, caplog):
-    """One window through the real model and Predictor; no operating point -> infer.score_threshold with a warning."""
+    """One window through the real model and Predictor; no operating point -> infer.score_floor with a warning."""
     image = tmp_path / "in" / "small.png"
     image.parent.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 60, 3), dtype=np.uint8)).save(image)
@@ -110,13 +110,13 @@ def test_predict_one_image_with_the_real_predictor(tmp_path, model_file, caplog)
     assert labels.dtype == np.uint16 and labels.shape == (48, 60)
     assert labels.max() == sum(r["score"] >= 0.05 for r in results)
     settings = json.loads((out / "settings.json").read_text())
-    assert settings["label_score_threshold"] == 0.05 and "no operating point" in settings["label_score_threshold_source"]
+    assert settings["score_threshold"] == 0.05 and "no operating point" in settings["score_threshold_source"]
     assert (settings["infer"]["window"], settings["infer"]["overlap"], settings["device"]) == (64, 24, "cpu")
 
 
 @pytest.mark.slow
 def test_predict_folder_writes_labels_overlays_and_coco(tmp_path, model_file, caplog):
-    """The real Predictor on four formats (several windows each); no operating point -> infer.score_threshold with a warning."""
+    """The real Predictor on four formats (several windows each); no operating point -> infer.score_floor with a warning."""
     images = write_images(tmp_path / "in")
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING):
@@ -141,7 +141,7 @@ def test_predict_folder_writes_labels_overlays_and_coco(tmp_path, model_file, ca
         with Image.open(out / f"{stem}_overlay.png") as overlay:
             assert overlay.mode == "RGB" and overlay.size == (width, height)
     settings = json.loads((out / "settings.json").read_text())
-    assert settings["label_score_threshold"] == 0.05 and "no operating point" in settings["label_score_threshold_source"]
+    assert settings["score_threshold"] == 0.05 and "no operating point" in settings["score_threshold_source"]
     assert (settings["infer"]["window"], settings["infer"]["overlap"], settings["device"]) == (64, 24, "cpu")
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temp files left behind"
 
@@ -184,7 +184,7 @@ def test_operating_point_next_to_the_model_thresholds_the_label_maps(tmp_path, m
     model.symlink_to(model_file)
     argv = ["predict", str(images / "rgb.png"), "--model", str(model), *FAST]
 
-    assert cli.main([*argv, "--out", str(tmp_path / "plain")]) == 0  # no operating point: infer.score_threshold 0.05
+    assert cli.main([*argv, "--out", str(tmp_path / "plain")]) == 0  # no operating point: infer.score_floor 0.05
     (model_dir / "operating_point.json").write_text(json.dumps({"score_threshold": 0.7, "metric": "f1", "value": 0.8, "chosen_on": "val"}))
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -201,24 +201,32 @@ def test_operating_point_next_to_the_model_thresholds_the_label_maps(tmp_path, m
     for name in expected_at:  # every detection stays in predictions.json
         assert len(json.loads((tmp_path / name / "predictions.json").read_text())) == 10
     settings = json.loads((tmp_path / "op" / "settings.json").read_text())
-    assert settings["label_score_threshold"] == 0.7
-    assert settings["label_score_threshold_source"] == str(model_dir / "operating_point.json")
-    assert json.loads((tmp_path / "flag" / "settings.json").read_text())["label_score_threshold_source"] == "--score-threshold"
+    assert settings["score_threshold"] == 0.7
+    assert settings["score_threshold_source"] == str(model_dir / "operating_point.json")
+    assert json.loads((tmp_path / "flag" / "settings.json").read_text())["score_threshold_source"] == "--score-threshold"
 
 
-def test_flag_below_the_detection_floor_lowers_the_floor(tmp_path, model_file, monkeypatch):
-    """Label maps are a prefix of predictions.json: a --score-threshold under infer.score_threshold lowers the detector's floor."""
+def test_a_label_threshold_below_the_floor_is_refused_and_score_floor_lowers_the_floor(tmp_path, model_file, monkeypatch, capsys):
+    """Label maps are a prefix of predictions.json: --score-threshold under the detection floor is one error line
+    naming both; --score-floor sets the floor (predictions.json) and then the label threshold fits."""
     seen = []
-    monkeypatch.setattr(Predictor, "predict", lambda self, image: seen.append(self.cfg.score_threshold) or [])
+    monkeypatch.setattr(Predictor, "predict", lambda self, image: seen.append(self.cfg.score_floor) or [])
     images = write_images(tmp_path / "in")
-    assert cli.main(["predict", str(images / "rgb.png"), "--model", str(model_file), "--out", str(tmp_path / "o"),
-                     "--score-threshold", "0.01", *FAST]) == 0
+    argv = ["predict", str(images / "rgb.png"), "--model", str(model_file), *FAST]
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--out", str(tmp_path / "o"), "--score-threshold", "0.01"])
+    assert info.value.code == 2 and not (tmp_path / "o").exists()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: the label threshold 0.01 (--score-threshold) is below the detection floor 0.05") and "--score-floor 0.01" in line
+    assert cli.main([*argv, "--out", str(tmp_path / "o"), "--score-threshold", "0.01", "--score-floor", "0.01"]) == 0
     assert seen == [0.01]
+    settings = json.loads((tmp_path / "o" / "settings.json").read_text())
+    assert (settings["score_threshold"], settings["score_floor"], settings["infer"]["score_floor"]) == (0.01, 0.01, 0.01)
 
 
 @pytest.mark.slow
 def test_mlflow_uri_reads_the_runs_operating_point(tmp_path, caplog):
-    """runs:/<id>/model -> the run's operating_point.json artifact; a run without it -> infer.score_threshold + warning."""
+    """runs:/<id>/model -> the run's operating_point.json artifact; a run without it -> infer.score_floor + warning."""
     import mlflow
 
     from nucleiseg.track import runs as tracking
@@ -325,7 +333,7 @@ def test_logged_model_predicts_like_its_file(tmp_path, store):
 
     from nucleiseg.track import runs as tracking
 
-    model = save_model(tmp_path / "models" / "model.pt", infer=InferConfig(window=64, overlap=24, score_threshold=0.2))
+    model = save_model(tmp_path / "models" / "model.pt", infer=InferConfig(window=64, overlap=24, score_floor=0.2))
     with mlflow.start_run(experiment_id=store) as run:
         tracking.log_model(model)
     image = tmp_path / "in" / "small.png"
@@ -337,7 +345,7 @@ def test_logged_model_predicts_like_its_file(tmp_path, store):
         assert cli.main(["predict", str(image), "--model", uri, "--out", str(tmp_path / name), "--device", "cpu"]) == 0
         outputs[name] = json.loads((tmp_path / name / "predictions.json").read_text())
         settings = json.loads((tmp_path / name / "settings.json").read_text())
-        assert (settings["infer"]["window"], settings["infer"]["score_threshold"]) == (64, 0.2)
+        assert (settings["infer"]["window"], settings["infer"]["score_floor"]) == (64, 0.2)
     assert outputs["file"] and outputs["run"] == outputs["file"] == outputs["id"]
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert pyfunc.predict([str(image)]) == outputs["file"]
@@ -358,14 +366,14 @@ def test_too_many_instances_for_uint16():
 
 
 def test_params_infer_section_and_device_then_flags(tmp_path):
-    (tmp_path / "p.yaml").write_text("device: cpu\ninfer: {window: 128, overlap: 32, tta: d4, score_threshold: 0.2}\n")
+    (tmp_path / "p.yaml").write_text("device: cpu\ninfer: {window: 128, overlap: 32, tta: d4, score_floor: 0.2}\n")
     parse = cli.build_parser().parse_args
     settings = cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "p.yaml"), "--window", "96", "--tta", "flip"]))
     cfg = settings.infer
-    assert (cfg.window, cfg.overlap, cfg.tta, cfg.score_threshold, settings.device, settings.label_threshold) == (96, 32, "flip", 0.2, "cpu", None)
+    assert (cfg.window, cfg.overlap, cfg.tta, cfg.score_floor, settings.device, settings.label_threshold) == (96, 32, "flip", 0.2, "cpu", None)
     settings = cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "p.yaml"),
                                         "--device", "auto", "--score-threshold", "0.6"]))
-    assert (settings.device, settings.label_threshold, settings.infer.score_threshold) == ("auto", 0.6, 0.2)
+    assert (settings.device, settings.label_threshold, settings.infer.score_floor) == ("auto", 0.6, 0.2)
     (tmp_path / "params.yaml").write_text("device: cpu\ninfer: {window: 256}\n")  # never read unless named
     settings = cli.infer_settings(parse(["predict", "x.png", "--out", "o"]))
     assert (settings.infer.window, settings.device, settings.source) == (512, "auto", "nucleiseg's defaults")
@@ -379,7 +387,7 @@ def test_params_infer_section_and_device_then_flags(tmp_path):
 def test_the_settings_the_model_was_validated_with_then_flags(tmp_path, monkeypatch):
     """The model file's saved infer settings (the train stage's validation) are predict's defaults; flags win;
     --params FILE replaces them; a params.yaml in the current folder is ignored."""
-    validated = InferConfig(window=96, overlap=32, mask_threshold=0.4, min_area=12, score_threshold=0.1)
+    validated = InferConfig(window=96, overlap=32, mask_threshold=0.4, min_area=12, score_floor=0.1)
     model = save_model(tmp_path / "m" / "model.pt", infer=validated)
     (tmp_path / "params.yaml").write_text("device: cpu\ninfer: {window: 128, overlap: 48}\n")
     seen = []

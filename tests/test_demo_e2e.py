@@ -94,12 +94,12 @@ def test_eval_json_is_what_the_predictions_score(demo_repo):
     results = json.loads((root / "predictions/val.json").read_text())
     assert results and {r["image_id"] for r in results} <= set(ids.values())
     expected = evaluate(records, results, params.evaluate.max_dets_all, params.evaluate.operating_metric,
-                        score_floor=params.infer.score_threshold).metrics
+                        score_floor=params.infer.score_floor).metrics
     metrics = json.loads((root / "metrics/eval.json").read_text())
     assert {k: v for k, v in metrics.items() if k != "test"} == pytest.approx(expected)
     point = json.loads((root / "models/operating_point.json").read_text())
     assert point["score_threshold"] == metrics["score_threshold"] and point["chosen_on"] == "val"
-    assert all(r["score"] >= params.infer.score_threshold for r in results)
+    assert all(r["score"] >= params.infer.score_floor for r in results)
 
 
 def test_answer_is_the_test_predictions(demo_repo):
@@ -191,5 +191,5 @@ def test_predict_from_the_demo_run_loads_its_tensor_file_with_its_settings(demo_
     assert settings["infer"]["window"] == params.infer.window == 128
     assert settings["infer_source"] == f"the settings runs:/{run_id}/model was validated with"
     point = json.loads((root / "models/operating_point.json").read_text())["score_threshold"]
-    assert settings["label_score_threshold"] == point
-    assert settings["label_score_threshold_source"] == "operating_point.json of the model's MLflow run"
+    assert settings["score_threshold"] == point
+    assert settings["score_threshold_source"] == "operating_point.json of the model's MLflow run"

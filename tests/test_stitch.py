@@ -256,9 +256,9 @@ def test_predictor_stitches_rectangles_across_seams(rectangles):
     image, gt = rectangles
     height, width = image.shape[:2]
     model = RectangleOracle()
-    found = Predictor(model, _cfg(score_threshold=0.07)).predict(image)
+    found = Predictor(model, _cfg(score_floor=0.07)).predict(image)
     assert model.calls == len(windows(height, width, WINDOW, OVERLAP))
-    # infer.score_threshold is the floor of every detect call.
+    # infer.score_floor is the floor of every detect call.
     assert model.floors == {0.07}
     # the windows really cut rectangles
     pieces = stitch.instances_in_windows(gt, height, width, WINDOW, OVERLAP)

@@ -394,7 +394,7 @@ def test_run_training_keeps_the_best_val_epoch_and_logs_a_complete_mlflow_run(ti
     for m in real_metrics:
         assert {"ap50", "ap50_all", "f1", "pq", "aji", "score_threshold", "f1_all_detections"} <= set(m)
         assert all(0.0 <= m[k] <= 1.0 for k in ("ap50", "ap50_all", "f1", "pq"))
-        assert m["score_threshold"] >= params.infer.score_threshold
+        assert m["score_threshold"] >= params.infer.score_floor
 
     # Outputs on disk: the best epoch is the one with the highest val ap50_all, and model.pt holds its weights.
     assert metrics["epochs"] == 2 and metrics["best_epoch"] == 1 and metrics["select_metric"] == "val_ap50_all"

@@ -10,9 +10,9 @@ the flags on top; `--params FILE` takes a params file's `infer` section and `dev
 params.yaml of the current folder is never read unless named.
 
 Two thresholds, as in the pipeline:
-- `predictions.json` holds every detection scored >= the detection floor (infer.score_threshold
-  of the settings above, 0.05 by default; lower when --score-threshold is lower), like the
-  infer stage's predictions: COCO AP needs them all. Image ids are input positions 1..n.
+- `predictions.json` holds every detection scored >= the detection floor (infer.score_floor
+  of the settings above, 0.05 by default; --score-floor sets it), like the infer stage's
+  predictions: COCO AP needs them all. Image ids are input positions 1..n.
 - `<stem>_labels.tif` (uint16 instance labels, 0 = background) and `<stem>_overlay.png`
   (outlines) hold only the detections at the operating point: the score threshold the
   evaluate stage chose on val, read from `operating_point.json` next to the model file (for
@@ -49,7 +49,7 @@ MAX_LABEL = np.iinfo(np.uint16).max
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "file:", "s3://", "gs://", "http://", "https://", "dbfs:/")
 OPERATING_POINT = "operating_point.json"  # the evaluate stage's file next to models/model.pt, and its MLflow artifact
 # Flags that override the model's (or --params FILE's) `infer` settings: flag dest -> InferConfig field.
-INFER_FLAGS = ("window", "overlap", "batch_size", "mask_threshold", "tta", "whole_image")
+INFER_FLAGS = ("window", "overlap", "batch_size", "score_floor", "mask_threshold", "tta", "whole_image")
 
 
 def _one_line(text: str) -> str:
@@ -150,7 +150,7 @@ def _checked_flag(cls, name: str, value, flag: str):
 
 @dataclasses.dataclass
 class Settings:
-    infer: object  # config.InferConfig: what the Predictor runs with (score_threshold = the detection floor)
+    infer: object  # config.InferConfig: what the Predictor runs with (score_floor = the detection floor)
     device: str
     label_threshold: float | None  # --score-threshold, or None: the model's operating point decides
     source: str = "nucleiseg's defaults"  # where `infer` came from, for settings.json and the log
@@ -187,7 +187,7 @@ def check_flags(args) -> None:
     if args.device is not None:
         _checked_flag(Params, "device", args.device, "--device")
     if args.score_threshold is not None:
-        _checked_flag(InferConfig, "score_threshold", args.score_threshold, "--score-threshold")
+        _checked_flag(InferConfig, "score_floor", args.score_threshold, "--score-threshold")
 
 
 def predict_device(args) -> str:
@@ -221,7 +221,7 @@ def infer_settings(args, saved=None, model: str | None = None) -> Settings:
     device = predict_device(args)
     label_threshold = None
     if args.score_threshold is not None:
-        label_threshold = _checked_flag(InferConfig, "score_threshold", args.score_threshold, "--score-threshold")
+        label_threshold = _checked_flag(InferConfig, "score_floor", args.score_threshold, "--score-threshold")
     return Settings(infer_cfg, device, label_threshold, source)
 
 
@@ -347,10 +347,10 @@ def label_threshold(model: str, settings: Settings) -> tuple[float, str]:
         found, where = load_operating_point(model), str(Path(model).with_name(OPERATING_POINT))
     if found is not None:
         return found, where
-    floor = settings.infer.score_threshold
+    floor = settings.infer.score_floor
     log.warning("no operating point for %s (%s missing; the evaluate stage writes it): label maps and overlays keep every "
-                "detection scored >= infer.score_threshold = %g; pass --score-threshold to choose", model, where, floor)
-    return floor, "infer.score_threshold (no operating point)"
+                "detection scored >= the detection floor infer.score_floor = %g; pass --score-threshold to choose", model, where, floor)
+    return floor, "infer.score_floor (no operating point)"
 
 
 # ---------------------------------------------------------------------------------------------- predict
@@ -421,7 +421,11 @@ def predict_command(args) -> int:
     settings = infer_settings(args, saved, args.model)
     threshold, threshold_source = label_threshold(args.model, settings)
     # The detector keeps everything >= the floor (predictions.json); the label maps are a prefix of that.
-    cfg = dataclasses.replace(settings.infer, score_threshold=min(settings.infer.score_threshold, threshold))
+    cfg = settings.infer
+    if threshold < cfg.score_floor:
+        raise NucleisegError(f"the label threshold {threshold:g} ({threshold_source}) is below the detection floor {cfg.score_floor:g} "
+                             f"({settings.source}): label maps keep a subset of the detections; pass --score-floor {threshold:g} "
+                             "or a higher --score-threshold")
     predictor = Predictor(model, cfg, device, progress=True)
     log.info("predicting %d image(s) with %s on %s (window %d, overlap %d%s: %s); label maps at score >= %g (%s) -> %s",
              len(images), args.model, device, cfg.window, cfg.overlap, f", TTA {cfg.tta}" if cfg.tta != "none" else "", settings.source,
@@ -458,8 +462,8 @@ def predict_command(args) -> int:
         (stage / "predictions.json").write_text(json.dumps(results))
         settings_doc = {
             "model": args.model, "device": str(device),
-            "label_score_threshold": threshold, "label_score_threshold_source": threshold_source,
-            "detection_score_threshold": cfg.score_threshold, "infer": dataclasses.asdict(cfg), "infer_source": settings.source,
+            "score_threshold": threshold, "score_threshold_source": threshold_source,
+            "score_floor": cfg.score_floor, "infer": dataclasses.asdict(cfg), "infer_source": settings.source,
         }
         (stage / "settings.json").write_text(json.dumps(settings_doc, indent=2))
         index_tmp.write_text(json.dumps(records, indent=2))
@@ -529,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="windows per forward pass")
     p.add_argument("--score-threshold", type=float,
                    help="label maps and overlays keep detections scored >= this (default: the model's operating point, "
-                        "else the detection floor infer.score_threshold)")
+                        "else the detection floor); the operating point, as score_threshold in eval.json")
+    p.add_argument("--score-floor", type=float,
+                   help="predictions.json keeps every detection scored >= this (default: the model's infer.score_floor)")
     p.add_argument("--mask-threshold", type=float, help="mask probability threshold")
     p.add_argument("--tta", choices=("none", "flip", "d4"),
                    help="test-time augmentation: none, flip (4 flips, mask NMS) or d4 (8 flips/turns, per-instance mask voting)")

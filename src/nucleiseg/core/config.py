@@ -270,7 +270,7 @@ class InferConfig:
     window: int = param(512, integer(64, 4096))
     overlap: int = param(192, integer(0, 4095))
     batch_size: int = param(4, integer(1, 256))
-    score_threshold: float = param(0.05, number(0, 1, hi_open=True))
+    score_floor: float = param(0.05, number(0, 1, hi_open=True))
     mask_threshold: float = param(0.5, number(0, 1, lo_open=True, hi_open=True))
     min_area: int = param(30, integer(0, 1_000_000))
     fill_holes: bool = param(True, boolean)

@@ -51,7 +51,7 @@ def build_answer(predictions: list[dict], images: list[TestImage]) -> list[dict]
         raise NucleisegError(f"predictions/test.json: image ids {unknown} are not in test_img_ids.json; re-run the infer stage")
     absent = [img.file_name for img in images if img.id not in seen]
     if absent:
-        raise NucleisegError(f"predictions/test.json: no nuclei predicted for {absent}; check the model (infer.score_threshold) before submitting")
+        raise NucleisegError(f"predictions/test.json: no nuclei predicted for {absent}; check the model (infer.score_floor) before submitting")
     answer = [{k: p[k] for k in ANSWER_KEYS} for p in predictions]
     for entry in answer:
         entry["category_id"] = 1

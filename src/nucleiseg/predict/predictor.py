@@ -27,7 +27,7 @@ from nucleiseg.predict.tta import TRANSFORMS, apply, invert, vote
 
 class Predictor:
     """Whole-image instances from a model in eval mode on `device`. The model is anything with
-    `detect(images, score_floor)` (`NucleiMaskRCNN`); infer.score_threshold is the floor passed to it."""
+    `detect(images, score_floor)` (`NucleiMaskRCNN`); infer.score_floor is the floor passed to it."""
 
     def __init__(self, model: torch.nn.Module, cfg: InferConfig, device: torch.device | str = "cpu", progress: bool = False):
         self.model = model
@@ -52,7 +52,7 @@ class Predictor:
             # Float tensors one batch at a time: all windows at once would cost ~14x the uint8 image.
             for start in range(0, len(crops), self.cfg.batch_size):
                 tensors = [apply(to_tensor(crop), turns, mirror) for crop in crops[start : start + self.cfg.batch_size]]
-                outputs = predict_batch(self.model, tensors, self.device, self.cfg.score_threshold)
+                outputs = predict_batch(self.model, tensors, self.device, self.cfg.score_floor)
                 for k, output in enumerate(outputs):
                     per_pass[start + k].append([invert(inst, turns, mirror, size) for inst in self._to_instances(output, size)])
                 bar.update(len(tensors))

@@ -29,5 +29,5 @@ class WholeImageValidator:
         results = []
         for sample, record in zip(self.samples, records):
             results += coco.results(record.id, predictor.predict(sample.image), record.height, record.width)
-        ev = evaluate(records, results, self.evaluate.max_dets_all, self.evaluate.operating_metric, score_floor=self.infer.score_threshold)
+        ev = evaluate(records, results, self.evaluate.max_dets_all, self.evaluate.operating_metric, score_floor=self.infer.score_floor)
         return ev.metrics

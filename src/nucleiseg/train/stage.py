@@ -43,7 +43,7 @@ class TrainOutputs:
 
 # The params the train stage reads: dvc.yaml lists exactly these (tests/test_dvc_deps.py) and the
 # resume checkpoint is keyed by them, so an overlay or output setting neither retrains nor orphans it.
-VALIDATION_INFER_KEYS = ("window", "overlap", "batch_size", "score_threshold", "mask_threshold", "min_area", "fill_holes",
+VALIDATION_INFER_KEYS = ("window", "overlap", "batch_size", "score_floor", "mask_threshold", "min_area", "fill_holes",
                          "dedup_iou", "dedup_ios", "tta", "whole_image", "score")
 VALIDATION_EVALUATE_KEYS = ("max_dets_all", "operating_metric")
 PARAMS = ("backbone", "seed", "device", "model", "train",
