@@ -105,8 +105,12 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_artifacts_follow_a_copied_repository(tmp_path):
-    """A repo copied to B logs into B/mlruns/artifacts, for new runs and for reopened old ones (issue 12)."""
+def test_a_copied_repository_logs_into_itself_and_never_into_the_original(tmp_path):
+    """A repo copied to B: new runs log into B/mlruns/artifacts in a fresh `nucleiseg` experiment, the copied
+    runs stay browsable in the renamed one, reopening one of them is one error line, and nothing is written
+    into A. Only MLflow's API is used (no SQL on its tables)."""
+    from mlflow.tracking import MlflowClient
+
     repo_a, repo_b = tmp_path / "a", tmp_path / "b"
     repo_a.mkdir()
     first = step(repo_a, _payload(tmp_path, "first.txt"))
@@ -115,20 +119,20 @@ def test_artifacts_follow_a_copied_repository(tmp_path):
     before = snapshot(repo_a)
 
     second = step(repo_b, _payload(tmp_path, "second.txt"))
-    reopened = step(repo_b, _payload(tmp_path, "third.txt"), reopen=first["run_id"])
-
     artifacts_b = repo_b / "mlruns" / "artifacts"
     assert (artifacts_b / second["run_id"] / "artifacts" / "files" / "second.txt").read_text() == "second.txt"
-    assert reopened["artifact_uri"] == (artifacts_b / first["run_id"] / "artifacts").as_uri()
-    old_run_files = artifacts_b / first["run_id"] / "artifacts" / "files"
-    assert sorted(p.name for p in old_run_files.iterdir()) == ["first.txt", "third.txt"]
+    done = subprocess.run([sys.executable, "-c", STEP, first["run_id"], str(_payload(tmp_path, "third.txt"))], cwd=repo_b,
+                          env=env_for(repo_b), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and f"run {first['run_id']} keeps its artifacts in {repo_a}" in done.stderr
     assert snapshot(repo_a) == before, "something was written into the original repository"
-    with sqlite3.connect(repo_b / "mlruns" / "mlflow.db") as conn:
-        locations = [row[0] for row in conn.execute(
-            "SELECT artifact_location FROM experiments WHERE name = 'nucleiseg' "
-            "UNION ALL SELECT artifact_uri FROM runs UNION ALL SELECT artifact_location FROM logged_models")]
-    assert len(locations) == 1 + 2 + 2
-    assert all(loc.startswith(artifacts_b.as_uri()) for loc in locations), locations
+
+    client = MlflowClient(f"sqlite:///{repo_b / 'mlruns' / 'mlflow.db'}")
+    current = client.get_experiment_by_name("nucleiseg")
+    kept = client.get_experiment_by_name(f"nucleiseg (copied from {repo_a})")
+    assert current.artifact_location == artifacts_b.as_uri() and kept is not None
+    assert [r.info.run_id for r in client.search_runs([kept.experiment_id])] == [first["run_id"]]
+    assert [r.info.run_id for r in client.search_runs([current.experiment_id])] == [second["run_id"]]
+    assert client.get_experiment("0").lifecycle_stage == "deleted"
 
 
 def _payload(tmp_path: Path, name: str) -> Path:

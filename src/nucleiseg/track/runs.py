@@ -14,16 +14,16 @@ Four things MLflow does not do for a per-repository SQLite store, done here:
   experiment while holding an exclusive `flock` on `mlruns/.store.lock`.
 - Clear errors. A corrupt `mlflow.db`, or a run id the store does not know, is one
   NucleisegError that says what to do, not a SQLAlchemy traceback (`check_run`).
-- Artifacts follow the repository. MLflow stores absolute artifact locations (in the
-  experiment row, and in each run and logged model when it is created) and has no API to
-  change them. A copied or moved repository would keep logging into the original's
-  `mlruns/artifacts`. `configure()` therefore rewrites those locations in the store's
-  own rows when they point into another repository's `mlruns/artifacts` (see
-  `follow_repository`): the store file is per repository, so this never touches the
-  original's store.
-- No stray experiment. Every new store gets an empty `Default` experiment whose artifact
-  location is the creating process's folder (a `--temp` copy, deleted afterwards); it is
-  pointed at this store and deleted (`_retire_default`), so the UI lists the project's alone.
+- Artifacts stay in the repository, through MLflow's API only. MLflow stores absolute artifact
+  locations (in the experiment, and in each run when it is created) and has no API to change
+  them. In a copied or moved repository the store still names the original's
+  `mlruns/artifacts`: `configure()` then renames that experiment (`nucleiseg (copied from
+  <path>)`, its runs browsable as they are) and makes a fresh `nucleiseg` here, so new runs
+  log into this repository; a stage that would reopen one of those older runs refuses in one
+  line (`check_run`) instead of writing into the other repository.
+- No stray experiment. A new store is created with this repository's artifact root, so the
+  `Default` experiment MLflow puts in it points here; empty, it is deleted (`_retire_default`),
+  so the UI lists the project's alone.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ import logging
 import os
 import platform
 import re
-import sqlite3
 import subprocess
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 try:
@@ -93,16 +92,6 @@ def ui_url(experiment_id: str) -> str:
     uri = tracking_uri()
     address = uri.rstrip("/") if not uses_local_store() and uri.startswith(("http://", "https://")) else UI_ADDRESS
     return f"{address}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
-
-
-# (table, column) pairs of MLflow's SQL schema that hold absolute artifact locations.
-ARTIFACT_COLUMNS = (
-    ("experiments", "artifact_location"),
-    ("runs", "artifact_uri"),
-    ("logged_models", "artifact_location"),
-    ("model_versions", "storage_location"),
-    ("model_versions", "source"),
-)
 
 
 def store_dir() -> Path:
@@ -257,11 +246,10 @@ def _experiment(client, name: str):
 def _retire_default(client) -> None:
     """Hide the empty `Default` experiment MLflow puts in every new store.
 
-    MLflow creates experiment 0 with each store, its artifact location resolved from the working
-    folder of whichever process created the store: under `dvc exp run --temp` a copy deleted
-    afterwards. nucleiseg logs only into its own experiment, so an empty Default is pointed at this
-    store's artifacts and deleted (`mlflow experiments restore --experiment-id 0` brings it back);
-    the UI then lists only the project's experiment. One with runs is left alone.
+    MLflow creates experiment 0 with each store (`_create_store` gives it this repository's artifact
+    root). nucleiseg logs only into its own experiment, so an empty Default is deleted (`mlflow
+    experiments restore --experiment-id 0` brings it back); the UI then lists only the project's
+    experiment. One with runs is left alone.
     """
     from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
@@ -272,8 +260,6 @@ def _retire_default(client) -> None:
         return
     if default.lifecycle_stage != "active" or client.search_runs(["0"], run_view_type=ViewType.ALL, max_results=1):
         return
-    with closing(sqlite3.connect(store_db(), timeout=60)) as conn, conn:
-        conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (artifact_root_uri(),))
     client.delete_experiment("0")
 
 
@@ -284,37 +270,33 @@ def _add_missing_tags(client, experiment) -> None:
             client.set_experiment_tag(experiment.experiment_id, key, value)
 
 
-def _rewrite_prefix(conn: sqlite3.Connection, old: str, new: str) -> None:
-    """Replace the location prefix `old` by `new` in every artifact column (tables that exist)."""
-    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    for table, column in ARTIFACT_COLUMNS:
-        if table not in tables or column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
-            continue
-        conn.execute(
-            f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} = ? OR substr({column}, 1, ?) = ?",
-            (new, len(old) + 1, old, len(old) + 1, old + "/"),
-        )
+def _copied_from(location: str) -> str | None:
+    """The other repository whose `mlruns/artifacts` an experiment location names, or None (this
+    repository's, or a location set on purpose, e.g. S3)."""
+    if location == artifact_root_uri() or not (location.startswith("file://") and location.endswith("/mlruns/artifacts")):
+        return None
+    return location.removeprefix("file://").removesuffix("/mlruns/artifacts")
 
 
-def follow_repository(experiment) -> None:
-    """Point the store's artifact locations at this repository's mlruns/artifacts.
+def follow_repository(client, experiment, name: str):
+    """This repository's experiment `name`: when the store came with a copied or moved repository,
+    the experiment naming the other repository's artifacts is renamed (its runs stay browsable) and
+    a fresh one is made here, so new runs never write into the other repository."""
+    origin = _copied_from(experiment.artifact_location)
+    if origin is None:
+        return experiment
+    kept = f"{name} (copied from {origin})"
+    log.warning("MLflow store made in %s: its runs are kept as experiment '%s'; new runs go to a new '%s' here", origin, kept, name)
+    client.rename_experiment(experiment.experiment_id, kept)
+    return _experiment(client, name)
 
-    MLflow resolves an experiment's artifact location once, at creation, to an absolute
-    URI, and copies it into each run (`runs.artifact_uri`) and logged model; there is no
-    per-run artifact location and no API to update an experiment's. After the repository
-    was copied or moved, the store in it still names `<old repo>/mlruns/artifacts`, so new
-    runs, and stages reopening an old run, would write into the old repository. When the
-    experiment's location is another repository's `.../mlruns/artifacts`, every location
-    under it is rewritten (one SQL transaction) to this repository's: the copied
-    artifacts are found again and new ones land here. A location that is not a
-    `mlruns/artifacts` folder (set on purpose, e.g. S3) is left alone.
-    """
-    old, new = experiment.artifact_location, artifact_root_uri()
-    if old == new or not (old.startswith("file://") and old.endswith("/mlruns/artifacts")):
-        return
-    log.info("MLflow store was made at %s: artifact locations now point to %s", old, new)
-    with closing(sqlite3.connect(store_db(), timeout=60)) as conn, conn:
-        _rewrite_prefix(conn, old, new)
+
+def _create_store(uri: str) -> None:
+    """Create a new local store with this repository's artifact root, so even MLflow's Default
+    experiment points here (MlflowClient would resolve it from the working folder)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(uri, artifact_root_uri())
 
 
 def configure(experiment: str = EXPERIMENT) -> str:
@@ -332,8 +314,12 @@ def configure(experiment: str = EXPERIMENT) -> str:
         with _first_contact():
             return _open(uri, experiment).experiment_id
     with store_lock():
+        if not store_db().is_file():
+            try:
+                _create_store(uri)
+            except Exception as exc:  # sqlalchemy / alembic errors
+                raise _store_error(exc) from exc
         found = _open(uri, experiment)
-        follow_repository(found)
     return found.experiment_id
 
 
@@ -348,6 +334,8 @@ def _open(uri: str, name: str):
     try:
         client = MlflowClient(uri)
         found = _experiment(client, name)
+        if uri == local_store_uri():
+            found = follow_repository(client, found, name)
         _add_missing_tags(client, found)
         if uri == local_store_uri():
             _retire_default(client)
@@ -386,6 +374,10 @@ def check_run(run_id: str, fix: str = RERUN_TRAIN) -> None:
         raise NucleisegError(
             f"run {run_id} is deleted in {store_label()}; restore it (mlflow runs restore --run-id {run_id}) or {fix}"
         )
+    origin = _copied_from(run.info.artifact_uri.rsplit("/", 2)[0]) if uses_local_store() else None
+    if origin is not None:
+        raise NucleisegError(f"run {run_id} keeps its artifacts in {origin} (this repository is a copy of it): logging into it "
+                             f"would write there; {fix}")
 
 
 def git_commit(root: Path) -> str | None:
