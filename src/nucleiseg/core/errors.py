@@ -19,6 +19,11 @@ class NucleisegError(Exception):
     """A failure the user can fix; its message is shown as is, without a traceback."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, carrying what running the stage again will do (e.g. whether there is anything to resume):
+    main_guard prints it instead of its `interrupted` line."""
+
+
 # `scheme://user:password@host`: the user-info part of a URI. MLflow and urllib3 put the
 # tracking URI into their exception texts, which would print a server password.
 _USER_INFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
@@ -101,8 +106,9 @@ def main_guard(func=None, *, interrupted: str = "interrupted; run the stage agai
             logging.getLogger(__name__).debug("traceback", exc_info=True)
             print(f"error: {redact(os_error_text(exc))}", file=sys.stderr)
             sys.exit(2)
-        except KeyboardInterrupt:
-            print(f"error: {interrupted}", file=sys.stderr)
+        except KeyboardInterrupt as exc:
+            line = f"interrupted; {exc}" if isinstance(exc, Interrupted) else interrupted
+            print(f"error: {redact(line)}", file=sys.stderr)
             sys.exit(130)
         except Exception:  # a bug: keep its traceback, without secrets
             print(redact(traceback.format_exc()), file=sys.stderr, end="")
