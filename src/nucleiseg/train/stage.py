@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -15,13 +16,14 @@ import torch
 from nucleiseg.core.config import Params
 from nucleiseg.core.errors import Interrupted, NucleisegError, redact
 from nucleiseg.core.io import atomic_path, read_json, repo_root, write_json
-from nucleiseg.core.runtime import DistInfo, dist_info, resolve_device, seed_everything
+from nucleiseg.core.runtime import DistInfo, default_workers, dist_info, resolve_device, seed_everything
 from nucleiseg.data.layout import load_train_sample, source_record
 from nucleiseg.model.maskrcnn import build_model, model_file
 from nucleiseg.track import runs as tracking
 from nucleiseg.train.checkpoint import Checkpointer
 from nucleiseg.train.hooks import WholeImageValidator
 from nucleiseg.train.loop import fit
+from nucleiseg.train.running import concurrent_trainings, training_lock
 from nucleiseg.train.samples import TileDataset
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,18 @@ def _validator(params: Params, inputs: TrainInputs, device: torch.device) -> Who
     return WholeImageValidator(samples, params.infer, params.evaluate, device)
 
 
+def loader_workers(setting: int | str, checkpoints_dir: Path, dist: DistInfo) -> int:
+    """`train.workers`; 'auto' splits the cores between the trainings running under the repository
+    and the DDP processes of this one."""
+    if setting != "auto":
+        return int(setting)
+    trainings = concurrent_trainings(checkpoints_dir)
+    workers = default_workers(trainings * int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
+    if trainings > 1:
+        log.info("%d trainings share this machine: %d loader workers each", trainings, workers)
+    return workers
+
+
 def run_training(params: Params, inputs: TrainInputs | None = None, outputs: TrainOutputs | None = None, show_progress: bool = True) -> dict:
     """Train the configured backbone; write model, run id, metrics and curves; returns the metrics.
 
@@ -126,11 +140,12 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
     inputs, outputs = inputs or TrainInputs(), outputs or TrainOutputs()
     checkpointer = Checkpointer(checkpoint_path(params, inputs))
     dist = dist_info()
-    if not dist.is_main:  # rank 0 writes the files and logs
+    if not dist.is_main:  # rank 0 holds the lock, writes the files and logs
         return _train(params, inputs, outputs, checkpointer, dist, show_progress)
     try:
-        metrics = _train(params, inputs, outputs, checkpointer, dist, show_progress)
-        checkpointer.remove()
+        with training_lock(checkpointer.path):
+            metrics = _train(params, inputs, outputs, checkpointer, dist, show_progress)
+            checkpointer.remove()
     except KeyboardInterrupt:
         raise Interrupted(checkpointer.resume_hint(params.train.epochs)) from None
     return metrics
@@ -147,9 +162,10 @@ def _train(params: Params, inputs: TrainInputs, outputs: TrainOutputs, checkpoin
     seed_everything(seed)
     model = build_model(mcfg)
     train_set = TileDataset(inputs.tiles, "train", tcfg.augment, seed)
+    workers = loader_workers(tcfg.workers, checkpointer.path.parent, dist)
 
     if not dist.is_main:
-        fit(model, train_set, tcfg, device, seed, None, checkpointer, dist=dist, show_progress=False)  # reads only
+        fit(model, train_set, tcfg, device, seed, None, checkpointer, dist=dist, show_progress=False, workers=workers)  # reads only
         return {}
 
     validate = _validator(params, inputs, device)
@@ -178,7 +194,7 @@ def _train(params: Params, inputs: TrainInputs, outputs: TrainOutputs, checkpoin
             model, train_set, tcfg, device, seed, validate, checkpointer,
             on_epoch_end=lambda row: mlflow.log_metrics(epoch_metrics(row), step=row["epoch"]),
             extra_state={"mlflow_run_id": run.info.run_id},
-            dist=dist, show_progress=show_progress,
+            dist=dist, show_progress=show_progress, workers=workers,
         )
         if validate is None:
             result.best_epoch, result.best_state = tcfg.epochs, model.state_dict()
