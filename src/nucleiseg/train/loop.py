@@ -29,14 +29,15 @@ from nucleiseg.train.samples import EpochBatches, EpochSampler, collate, expand_
 log = logging.getLogger(__name__)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, **implementation) -> torch.optim.Optimizer:
+    """`train.optimizer`; `implementation` (foreach=, fused=) picks torch's kernels (benchmarks/train_step.py compares them)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **implementation)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **implementation)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **implementation)
     raise NucleisegError(f"params.yaml: train.optimizer={cfg.optimizer!r}; choose adam, adamw or sgd")
 
 
