@@ -224,10 +224,10 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
-    def train(self, train_set, workers: int, handle_signals: bool) -> None:
-        """Epochs after `self.epoch` (0, or the checkpoint's) up to `max_epoch`."""
+    def train(self, train_set, sampler: EpochSampler, workers: int, handle_signals: bool) -> None:
+        """Epochs after `self.epoch` (0, or the checkpoint's) up to `max_epoch`; with `handle_signals`, a first
+        SIGTERM/SIGINT stops after the epoch it lands in (see StopRequest)."""
         cfg, dist = self.cfg, self.dist
-        sampler = EpochSampler(len(train_set), self.seed, cfg.samples_per_epoch, dist.rank, dist.world_size)
         steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
         # Wrapped after resuming: every rank loaded the checkpoint, so all start from the same weights and epoch.
         train_model = self.model
@@ -295,9 +295,9 @@ def fit(
         model.to(memory_format=torch.channels_last)
     if workers is None:
         workers = default_workers() if cfg.workers == "auto" else int(cfg.workers)
-    steps_per_epoch = math.ceil(len(EpochSampler(len(train_set), seed, cfg.samples_per_epoch, dist.rank, dist.world_size)) / cfg.batch_size)
+    sampler = EpochSampler(len(train_set), seed, cfg.samples_per_epoch, dist.rank, dist.world_size)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg, math.ceil(len(sampler) / cfg.batch_size))
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     trainer = Trainer(model, optimizer, scheduler, cfg, device, seed, dist, scaler, amp_dtype, show_progress)
@@ -313,7 +313,7 @@ def fit(
         trainer.load_state_dict(ckpt)
         best.restore(ckpt["best"], best_state)
         log.info("resuming from %s at epoch %d", checkpointer.path, trainer.epoch + 1)
-    trainer.train(train_set, workers, handle_signals=checkpointer is not None)
+    trainer.train(train_set, sampler, workers, handle_signals=checkpointer is not None)
     if not dist.is_main:
         return FitResult(trainer.epoch, model.state_dict(), -math.inf, trainer.history)
     if best.state is None:  # no epoch was ever better (e.g. no validation metric): the last one
