@@ -24,10 +24,12 @@ class Recording(Checkpointer):
     def __init__(self, path):
         super().__init__(path)
         self.saved: list[int] = []
+        self.copied: list[bool] = []
 
-    def save(self, checkpoint, best_state):
+    def save(self, checkpoint, best_state, copy=True):
         self.saved.append(checkpoint["epoch"])
-        super().save(checkpoint, best_state)
+        self.copied.append(copy)
+        super().save(checkpoint, best_state, copy)
 
 
 @pytest.fixture
@@ -49,6 +51,7 @@ def test_checkpoint_policy(tiny_tiles, tmp_path, cfg, every, seconds, saved):
     engine.fit(TinyDetector(), train_set(tiny_tiles, 1), cfg(checkpoint_every=every, checkpoint_seconds=seconds), CPU, seed=0,
                checkpointer=checkpointer, show_progress=False)
     assert checkpointer.saved == saved
+    assert checkpointer.copied == [True] * (len(saved) - 1) + [False]  # the last is written from the live tensors: nothing runs after it
     assert load_checkpoint(tmp_path / "run.pt")["epoch"] == 5
 
 
@@ -79,7 +82,7 @@ def test_sigterm_finishes_the_epoch_checkpoints_it_and_the_resumed_run_is_exact(
     with pytest.raises(KeyboardInterrupt):
         engine.fit(SignalledDetector(at_step=2), train_set(tiny_tiles, 1), config, CPU, seed=0, checkpointer=checkpointer, show_progress=False)
     assert signal.getsignal(signal.SIGTERM) is before  # the stage's own handling is back
-    assert checkpointer.saved == [2] and load_checkpoint(tmp_path / "run.pt")["epoch"] == 2
+    assert checkpointer.saved == [2] and checkpointer.copied == [False] and load_checkpoint(tmp_path / "run.pt")["epoch"] == 2
     assert checkpointer.resume_hint(4).endswith("running the stage again resumes from epoch 3")
 
     seen = []

@@ -129,10 +129,12 @@ class Checkpointer:
         self.epoch, self._best_on_disk = int(ckpt["epoch"]), best_epoch
         return ckpt, best_state
 
-    def save(self, checkpoint: dict, best_state: dict | None) -> None:
+    def save(self, checkpoint: dict, best_state: dict | None, copy: bool = True) -> None:
         """Write `checkpoint` (whose 'best' names the best epoch) and, when that epoch's weights are not
-        on disk yet, `best_state` (CPU tensors) in the background; then drop best files of other epochs."""
-        checkpoint = cpu_copy(checkpoint)  # taken now: the training changes the live tensors from the next step on
+        on disk yet, `best_state` (CPU tensors) in the background; then drop best files of other epochs.
+        `copy=False` when nothing changes the live tensors before `wait()` (the training's last checkpoint)."""
+        if copy:
+            checkpoint = cpu_copy(checkpoint)  # taken now: the training changes the live tensors from the next step on
         best_epoch = int(checkpoint["best"]["epoch"])
         write_best = bool(best_epoch) and best_epoch != self._best_on_disk
         if write_best and best_state is None:

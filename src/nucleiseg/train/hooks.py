@@ -149,7 +149,10 @@ class CheckpointHook(HookBase):
     def after_epoch(self) -> None:
         if not self._due():
             return
-        self.checkpointer.save({**self.trainer.state_dict(), "best": self.best.record, "run": self.run}, self.best.state)
+        trainer = self.trainer
+        # The loop ends after this one (and waits for it in after_train): no copy of the live tensors needed.
+        final = trainer.epoch == trainer.max_epoch or trainer.stop_requested
+        self.checkpointer.save({**trainer.state_dict(), "best": self.best.record, "run": self.run}, self.best.state, copy=not final)
         self.last = time.monotonic()
 
     def after_train(self) -> None:
