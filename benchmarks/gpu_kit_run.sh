@@ -12,7 +12,7 @@
 # split (~21 s on the real data), so folds train side by side:
 #   OUT=/tmp/out BENCH=0 bash benchmarks/gpu_kit_run.sh train.epochs=30 train.lr_milestones=[24] \
 #       --recipe f0 data.fold=0 --recipe f1 data.fold=1 --recipe f2 data.fold=2
-# Env: TRAIN_S (training time limit, default 330 s: SIGINT, then the stage checkpoints the epoch it is in
+# Env: TRAIN_S (training time limit, default 330 s: SIGTERM, then the stage checkpoints the epoch it is in
 # and stops; the best epoch so far is used),
 # SKIP_WHEELS=1 (pycocotools/faster-coco-eval already installed), BENCH=0 (skip the benchmarks), BENCH_STEPS and
 # BENCH_VARIANTS (benchmarks/train_step.py's timed steps and variants),
@@ -123,8 +123,9 @@ PY
 run_recipe() {
   local out=$1 started rc
   started=$(date +%s.%N)
-  # SIGINT lets the stage finish the epoch it is in and checkpoint it; -k: a hung stage is killed 120 s later.
-  timeout -k 120 -s INT ${TRAIN_S:-330} python3 stages/train.py; rc=$?; mark "train rc=$rc"
+  # SIGTERM lets the stage finish the epoch it is in and checkpoint it (SIGINT may be ignored in a background
+  # job); -k: a stage that does not stop is killed 120 s later.
+  timeout -k 120 -s TERM ${TRAIN_S:-330} python3 stages/train.py; rc=$?; mark "train rc=$rc"
   train_overhead "$(python3 -c "import sys, time; print(time.time() - float(sys.argv[1]))" "$started")"
   mkdir -p models
   if [ ! -f models/model.pt ]; then
