@@ -10,13 +10,16 @@
 # overrides before the first --recipe apply to all. Each recipe then runs infer, export, evaluate and
 # (SWEEP=1) benchmarks/postprocess_sweep.py on its model. A recipe that sets data.fold tiles its own
 # split (~21 s on the real data), so folds train side by side:
-#   OUT=/tmp/out BENCH=0 bash benchmarks/gpu_kit_run.sh train.epochs=30 train.lr_drop_epoch=24 \
+#   OUT=/tmp/out BENCH=0 bash benchmarks/gpu_kit_run.sh train.epochs=30 train.lr_milestones=[24] \
 #       --recipe f0 data.fold=0 --recipe f1 data.fold=1 --recipe f2 data.fold=2
-# Env: TRAIN_S (training time limit, default 330 s; the best epoch so far is used when it is hit),
-# SKIP_WHEELS=1 (pycocotools/faster-coco-eval already installed), BENCH=0 (skip the benchmarks),
+# Env: TRAIN_S (training time limit, default 330 s: SIGTERM, then the stage checkpoints the epoch it is in
+# and stops; the best epoch so far is used),
+# SKIP_WHEELS=1 (pycocotools/faster-coco-eval already installed), BENCH=0 (skip the benchmarks), BENCH_STEPS and
+# BENCH_VARIANTS (benchmarks/train_step.py's timed steps and variants),
 # SWEEP=1 (post-processing sweep on val), DEADLINE (seconds since start after which no sweep starts).
 # Writes to $OUT: log.txt, gpu.txt (nvidia-smi dmon), and per recipe (the top folder when there is
-# no --recipe) log.txt, eval.json, train.json, train.csv, operating_point.csv, sweep.txt.
+# no --recipe) log.txt, eval.json, train.json, train.csv, operating_point.csv, sweep.txt. The log has the train
+# stage's overhead: its wall time against the time of its epochs and validations.
 set -u
 SRC=$(pwd); KIT=$SRC/.kit
 OUT=${OUT:-$PWD/kit-out}; mkdir -p "$OUT"
@@ -87,29 +90,62 @@ python3 stages/download.py && mark download || exit 1
 python3 stages/tile.py && mark tile || exit 1
 if [ "${BENCH:-1}" = 1 ]; then
   python3 benchmarks/loader.py --tiles data/tiles --samples 60 --previous-samples 6 --workers 12 && mark loader-benchmark
-  python3 benchmarks/train_step.py --tiles data/tiles --steps ${BENCH_STEPS:-25} --warmup 5 --batch-size 4 --variants fp32,bf16,bf16-nhwc && mark train-step-benchmark
+  python3 benchmarks/train_step.py --tiles data/tiles --steps ${BENCH_STEPS:-25} --warmup 5 --batch-size 4 \
+    --variants "${BENCH_VARIANTS:-bf16-nhwc,bf16-nhwc-foreach,bf16-nhwc-fused,bf16-nhwc-compile,bf16-nhwc-compile-fused}" && mark train-step-benchmark
 fi
+
+# The train stage's time outside its epochs and validation (model build, loader start, checkpoints, MLflow,
+# outputs), from its wall time ($1 s) and its own per-epoch timings: metrics/train.json, or the resume
+# checkpoint's history when TRAIN_S stopped it.
+train_overhead() {
+  python3 - "$1" <<'PY'
+import json, sys
+from pathlib import Path
+wall = float(sys.argv[1])
+done = Path("metrics/train.json")
+if done.is_file():
+    m = json.loads(done.read_text())
+    epochs, train, val = m["epochs"], m["train_seconds"], m["val_seconds"]
+else:
+    from nucleiseg.train.checkpoint import load_checkpoint
+    found = [p for p in sorted(Path("checkpoints").glob("train-*.pt")) if ".best-" not in p.name]
+    if not found:
+        raise SystemExit("train stage overhead: no metrics/train.json and no checkpoint")
+    rows = load_checkpoint(found[-1], mmap=True)["history"]
+    epochs, train, val = len(rows), sum(r["epoch_seconds"] for r in rows), sum(r.get("val_seconds", 0.0) for r in rows)
+outside = wall - train - val
+print(f"train stage overhead: wall {wall:.1f} s for {epochs} epochs = epochs {train:.1f} s + validation {val:.1f} s "
+      f"+ outside {outside:.1f} s ({outside / wall:.0%} of the stage); wall / (epochs + validation) = {wall / (train + val):.2f}")
+PY
+}
 
 # One recipe, in the current folder: train (stopped by TRAIN_S), infer, export, evaluate, sweep.
 run_recipe() {
-  local out=$1
-  timeout -s INT ${TRAIN_S:-330} python3 stages/train.py; mark "train rc=$?"
+  local out=$1 started rc
+  started=$(date +%s.%N)
+  # SIGTERM lets the stage finish the epoch it is in and checkpoint it (SIGINT may be ignored in a background
+  # job); -k: a stage that does not stop is killed 120 s later.
+  timeout -k 120 -s TERM ${TRAIN_S:-330} python3 stages/train.py; rc=$?; mark "train rc=$rc"
+  train_overhead "$(python3 -c "import sys, time; print(time.time() - float(sys.argv[1]))" "$started")"
   mkdir -p models
   if [ ! -f models/model.pt ]; then
     # Stopped by TRAIN_S: the checkpoint's best epoch (tensors only) becomes the model.
     python3 - <<'PY' || return 1
-import glob, json, torch
+import json
+from pathlib import Path
+import torch
 from nucleiseg.core.config import read_params
 from nucleiseg.model.maskrcnn import model_file
-found = sorted(glob.glob("checkpoints/*.pt"))
+from nucleiseg.train.checkpoint import Checkpointer
+found = [p for p in sorted(Path("checkpoints").glob("train-*.pt")) if ".best-" not in p.name]
 if not found:
-    raise SystemExit("training stopped before its first epoch ended: no checkpoint")
-c = torch.load(found[-1], map_location="cpu", weights_only=True)
-state = c["best"]["state"] if c["best"]["state"] is not None else c["model"]
+    raise SystemExit("training stopped before its first checkpoint: none to use")
+ckpt, best = Checkpointer(found[-1]).load()
+best_epoch = ckpt["best"]["epoch"] if best is not None else ckpt["epoch"]
 params = read_params()
-torch.save(model_file(state, params.model, c["best"]["epoch"], params.infer), "models/model.pt")
-json.dump({"run_id": c["run"].get("mlflow_run_id", "none"), "experiment_id": "0", "tracking_uri": "none"}, open("models/run.json", "w"))
-print(f"stopped after epoch {c['epoch']}; using its best epoch {c['best']['epoch']}")
+torch.save(model_file(best if best is not None else ckpt["model"], params.model, best_epoch, params.infer), "models/model.pt")
+json.dump({"run_id": ckpt["run"].get("mlflow_run_id", "none"), "experiment_id": "0", "tracking_uri": "none"}, open("models/run.json", "w"))
+print(f"stopped after epoch {ckpt['epoch']}; using its best epoch {best_epoch}")
 PY
   fi
   python3 stages/infer.py && mark infer || return 1
@@ -125,9 +161,9 @@ PY
 if [ ${#names[@]} -eq 0 ]; then
   run_recipe "$OUT"
 else
-  # The cores go to the recipes' loaders: each main process keeps one.
-  cores=$(python3 -c "import os; print(len(os.sched_getaffinity(0)))")
-  workers=$(( cores / ${#names[@]} - 1 )); [ $workers -ge 1 ] || workers=1
+  # train.workers: auto splits the cores between the recipes' loaders (each recipe has its own folder, so
+  # the trainings cannot count each other's lock files: the variable says how many there are).
+  export NUCLEISEG_CONCURRENT_TRAININGS=${#names[@]}
   pids=()
   for name in "${names[@]}"; do
     mkdir -p "recipes/$name" "$OUT/$name"
@@ -138,14 +174,23 @@ else
       ln -s "$W/data" "recipes/$name/data"
     fi
     # shellcheck disable=SC2086
-    (cd "recipes/$name" && python3 "$KIT/setparams.py" train.workers=$workers ${recipe_args[$name]} \
+    (cd "recipes/$name" && python3 "$KIT/setparams.py" ${recipe_args[$name]} \
       && mark() { echo "[t=$((SECONDS-t0))s] [$name] $*"; } \
       && { [ -L data ] || { python3 stages/tile.py && mark tile; }; } && run_recipe "$OUT/$name") \
       > "$OUT/$name/log.txt" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid"; done
-  for name in "${names[@]}"; do grep -h "^\[t=" "$OUT/$name/log.txt"; done
+  for name in "${names[@]}"; do grep -h "^\[t=\|train stage overhead" "$OUT/$name/log.txt"; done
+  # Aggregate throughput: the recipes trained side by side, so their windows/s add up (from each train.json).
+  python3 - "$OUT" "${names[@]}" <<'PY'
+import json, sys
+from pathlib import Path
+out, names = Path(sys.argv[1]), sys.argv[2:]
+rates = {n: json.loads((out / n / "train.json").read_text())["windows_per_second"] for n in names if (out / n / "train.json").is_file()}
+print(f"{len(names)} trainings side by side: " + ", ".join(f"{n} {r:.1f}" for n, r in rates.items())
+      + f" windows/s; aggregate {sum(rates.values()):.1f} windows/s" + ("" if len(rates) == len(names) else " (some recipes have no train.json)"))
+PY
 fi
 kill $DM 2>/dev/null
 mark done

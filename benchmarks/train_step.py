@@ -1,20 +1,28 @@
-"""Training throughput: windows/s, the share of each step spent waiting for the loader, GPU busy share.
+"""Training throughput per variant: windows/s, the share of time outside the steps (waiting for the
+loader), GPU busy.
 
     python benchmarks/train_step.py                                   # R50-FPN, synthetic 512 px windows, CPU
     python benchmarks/train_step.py --backbone resnet18 --size 256 --steps 3
-    python benchmarks/train_step.py --tiles data/tiles --steps 40 --variants fp32,bf16,bf16-nhwc   # on a GPU
+    python benchmarks/train_step.py --tiles data/tiles --steps 40 --batch-size 4 \\
+        --variants bf16-nhwc,bf16-nhwc-fused,bf16-nhwc-foreach,bf16-nhwc-compile,bf16-nhwc-compile-fused   # on a GPU
 
-Runs the engine's training step (`engine.train_one_epoch`: one loader iterator, masks expanded
-on the device, autocast, gradient clipping), `--steps` steps after `--warmup` steps,
-once per variant: fp32 / fp16 / bf16 autocast, '-nhwc' for channels_last weights.
-'wait' is the time the loop waited for its next batch; target <= 5 % of the step.
-On CUDA a thread samples torch.cuda.utilization() (the share of time a kernel ran).
+Runs the engine's training step (`train_one_epoch`: one loader iterator, masks expanded on the
+device, autocast, gradient clipping), `--steps` timed steps after `--warmup` steps, once per
+variant. A variant is a dtype (fp32, fp16, bf16 autocast) followed by any of: '-nhwc'
+(channels_last weights), '-compile' (torch.compile of the backbone + FPN: training crops have one
+static shape), '-foreach' / '-fused' (the optimizer's multi-tensor or fused kernels; without
+either, torch's default). `--compile` adds '-compile' to every variant. The warm-up steps (the
+compilation included) are timed apart. 'outside steps' is the time the loop waited for its next
+batch; target <= 5 %. GPU busy: torch.cuda.utilization() (NVML) sampled every 0.2 s, else
+`nvidia-smi`; left out when neither answers.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -36,6 +44,14 @@ from nucleiseg.train.loop import (
 from nucleiseg.train.samples import EpochBatches, EpochSampler, TileDataset
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+FLAGS = ("nhwc", "compile", "foreach", "fused")
+
+
+def parse_variant(name: str) -> tuple[torch.dtype | None, set[str]]:
+    dtype, *flags = name.split("-")
+    if dtype not in DTYPES or not set(flags) <= set(FLAGS) or {"foreach", "fused"} <= set(flags):
+        raise SystemExit(f"error: variant {name!r}: expected fp32, fp16 or bf16, then any of -{', -'.join(FLAGS)} (not both foreach and fused)")
+    return DTYPES[dtype], set(flags)
 
 
 def make_tiles(root: Path, size: int) -> Path:
@@ -45,54 +61,79 @@ def make_tiles(root: Path, size: int) -> Path:
 
 
 class Utilisation(threading.Thread):
-    """Samples torch.cuda.utilization() every 0.2 s until stopped."""
+    """Samples the GPU's busy share every 0.2 s until stopped: NVML through torch, else nvidia-smi."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         super().__init__(daemon=True)
-        self.samples: list[int] = []
+        self.device = device
+        self.samples: list[float] = []
         self.stop = threading.Event()
+
+    def sample(self) -> float | None:
+        try:
+            return float(torch.cuda.utilization(self.device))
+        except Exception:  # no NVML bindings: ask the driver's tool
+            pass
+        if shutil.which("nvidia-smi") is None:
+            return None
+        done = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", str(self.device.index or 0)],
+                              capture_output=True, text=True)
+        try:
+            return float(done.stdout.strip())
+        except ValueError:
+            return None
 
     def run(self):
         while not self.stop.is_set():
-            try:
-                self.samples.append(torch.cuda.utilization())
-            except Exception:  # no NVML: leave the figure out
+            value = self.sample()
+            if value is None:
                 return
+            self.samples.append(value)
             time.sleep(0.2)
 
 
 def run_variant(name: str, dataset, args, device) -> None:
-    dtype = DTYPES[name.removesuffix("-nhwc")]
+    dtype, flags = parse_variant(name)
     seed_everything(0)
     cfg = TrainConfig(lr=1e-4, warmup_iters=10, batch_size=args.batch_size)
     model = build_model(ModelConfig(backbone=args.backbone, weights="none")).to(device).train()
-    if name.endswith("-nhwc"):
+    if "nhwc" in flags:
         model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg)
+    if "compile" in flags:
+        model.backbone = torch.compile(model.backbone, backend=args.compile_backend, dynamic=False)
+    implementation = {"foreach": True} if "foreach" in flags else {"fused": True} if "fused" in flags else {}
+    optimizer = build_optimizer(model, cfg, **implementation)
     scheduler = build_scheduler(optimizer, cfg, iters_per_epoch=100)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     total = args.warmup + args.steps
     sampler = EpochSampler(len(dataset), 0, samples_per_epoch=total * args.batch_size)
     loader = build_loader(dataset, EpochBatches(sampler, args.batch_size, 1, 1), args.workers, pin_memory=device.type == "cuda")
-    util = Utilisation() if device.type == "cuda" else None
+    util = Utilisation(device) if device.type == "cuda" else None
     batches = iter(loader)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     # The engine's own step (gradient clipping included), first the warm-up steps, then the timed ones.
+    started = time.perf_counter()
     train_one_epoch(model, optimizer, scheduler, batches, args.warmup, device, 0, dtype, scaler, cfg.grad_clip, show_progress=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
+    warmup = time.perf_counter() - started
     if util:
         util.start()
     started = time.perf_counter()
     waited = train_one_epoch(model, optimizer, scheduler, batches, args.steps, device, 1, dtype, scaler, cfg.grad_clip,
                              show_progress=False)["loader_wait_seconds"]
+    sync()
     seconds = time.perf_counter() - started
     busy = ""
     if util:
         util.stop.set()
         util.join()
-        busy = f", GPU busy {sum(util.samples) / max(len(util.samples), 1):.0f} %" if util.samples else ""
-    print(f"{name:>10}: {args.steps * args.batch_size / seconds:6.1f} windows/s, step {seconds / args.steps * 1000:6.0f} ms, "
-          f"loader wait {waited / seconds * 100:4.1f} % of the time{busy}", flush=True)
+        busy = f", GPU busy {sum(util.samples) / len(util.samples):.0f} %" if util.samples else ""
+    print(f"{name:>24}: {args.steps * args.batch_size / seconds:6.1f} windows/s, step {seconds / args.steps * 1000:6.0f} ms, "
+          f"outside steps {waited / seconds * 100:4.1f} % (loader wait){busy}; warm-up {args.warmup} steps {warmup:.1f} s", flush=True)
 
 
 def main() -> None:
@@ -102,19 +143,28 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--size", type=int, default=512, help="synthetic window size")
+    parser.add_argument("--crop", type=int, default=384, help="training crop (train.augment.crop), at most the window size")
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--variants", default="fp32", help="comma-separated: fp32, fp16, bf16, each optionally -nhwc")
+    parser.add_argument("--variants", default="fp32", help="comma-separated, e.g. fp32,bf16-nhwc,bf16-nhwc-compile-fused")
+    parser.add_argument("--compile", action="store_true", help="add -compile to every variant")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' checks the wiring only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.compile:
+        variants = [v if "-compile" in v else f"{v}-compile" for v in variants]
+    for variant in variants:
+        parse_variant(variant)  # all checked before the first one runs
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="nucleiseg-bench-") as tmp:
         tiles = args.tiles or make_tiles(Path(tmp), args.size)
-        dataset = TileDataset(tiles, "train", AugmentConfig(crop=min(384, args.size)), seed=0)
+        crop = min(args.crop, args.size) if args.tiles is None else args.crop
+        dataset = TileDataset(tiles, "train", AugmentConfig(crop=crop), seed=0)
         name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-        print(f"{args.backbone}-FPN, {len(dataset)} windows, crop {min(384, args.size)}, batch {args.batch_size}, {args.workers} workers, {name}")
-        for variant in args.variants.split(","):
-            run_variant(variant.strip(), dataset, args, device)
+        print(f"{args.backbone}-FPN, {len(dataset)} windows, crop {crop}, batch {args.batch_size}, {args.workers} workers, {name}", flush=True)
+        for variant in variants:
+            run_variant(variant, dataset, args, device)
 
 
 if __name__ == "__main__":

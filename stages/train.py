@@ -10,8 +10,8 @@ import sys
 import torch
 
 from nucleiseg.core.config import read_params
-from nucleiseg.core.errors import Interrupted, main_guard
-from nucleiseg.train.stage import TrainInputs, interrupted_message, run_training
+from nucleiseg.core.errors import main_guard
+from nucleiseg.train.stage import run_training
 
 
 @main_guard
@@ -21,9 +21,7 @@ def main() -> None:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={params.train.gpus}", __file__]
         os.execv(sys.executable, torchrun)
     try:
-        run_training(params)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say whether a rerun resumes
-        raise Interrupted(interrupted_message(params, TrainInputs())) from None
+        run_training(params)  # Ctrl-C or SIGTERM: raises Interrupted saying whether a rerun resumes
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

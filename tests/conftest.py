@@ -59,7 +59,7 @@ TINY_PARAMS = {
         "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 16, "detections_per_img": 20,
     },
     "train": {
-        "epochs": 2, "batch_size": 1, "samples_per_epoch": 1, "lr": 1.0e-4, "warmup_iters": 2, "lr_drop_epoch": 0,
+        "epochs": 2, "batch_size": 1, "samples_per_epoch": 1, "lr": 1.0e-4, "warmup_iters": 2, "lr_milestones": [],
         "amp": "off", "channels_last": False, "workers": 0, "val_every": 1,
         "augment": {"crop": 0, "scale": [1.0, 1.0], "flip": False, "rot90": False, "color_jitter": 0.0},
     },

@@ -82,3 +82,25 @@ def test_loader_benchmark_times_both_paths(tiny_tiles, tmp_path, stage_environme
 def test_gpu_kit_run_script_parses():
     done = subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_kit_run.sh")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_train_step_times_each_variant(tmp_path, stage_environment):
+    """Optimizer kernels and torch.compile of the backbone + FPN ('eager' backend: the wiring, not the compiler)."""
+    variants = ["fp32-foreach", "fp32-fused-compile"]
+    out = run([str(BENCHMARKS / "train_step.py"), "--backbone", "resnet18", "--size", "128", "--crop", "64", "--steps", "1", "--warmup", "1",
+               "--batch-size", "1", "--workers", "0", "--variants", ",".join(variants), "--compile-backend", "eager"], tmp_path,
+              stage_environment(tmp_path))
+    rows = re.findall(r"^ *(\S+): +\d+\.\d windows/s, step +\d+ ms, outside steps +\d+\.\d %", out, re.MULTILINE)
+    assert rows == variants, out
+
+
+@pytest.mark.slow
+def test_train_overhead_compares_two_epoch_counts(tmp_path, stage_environment):
+    tiny = ["backbone=resnet18", "data.synthetic.n_train=3", "data.synthetic.n_test=1", "data.synthetic.size=96", "data.val_images=1",
+            "tile.size=64", "tile.overlap=24", "infer.window=64", "infer.overlap=24", "train.augment.crop=0", "train.batch_size=1",
+            "train.samples_per_epoch=1"]
+    out = run([str(BENCHMARKS / "train_overhead.py"), "--epochs", "1,2", *(arg for item in tiny for arg in ("--set", item))], tmp_path,
+              stage_environment(tmp_path), timeout=600)
+    assert len(re.findall(r"^ *\d epochs: stage .* s = epochs .* \+ validation .* \+ outside", out, re.MULTILINE)) == 2, out
+    assert re.search(r"per extra epoch \(1 -> 2\): stage [+-]\d+\.\d\d s for \+\d+\.\d\d s of epoch \+ validation: ratio -?\d+\.\d\d", out), out

@@ -22,7 +22,7 @@ from nucleiseg.model.maskrcnn import (
     load_weights_file,
     model_file,
 )
-from nucleiseg.train import loop as engine
+from nucleiseg.train.checkpoint import load_checkpoint
 
 
 class Payload:
@@ -109,7 +109,7 @@ def test_load_weights_file_never_runs_the_payload(trapped, tiny_model, tiny_mode
 def test_load_checkpoint_never_runs_the_payload(trapped, name):
     path, marker = trapped[name]
     with pytest.raises(NucleisegError) as info:
-        engine.load_checkpoint(path)
+        load_checkpoint(path)
     assert not marker.exists()
     _assert_one_line_refusal(info, path)
 
@@ -141,7 +141,7 @@ def test_damaged_files_are_one_clear_error(damaged, tiny_model, name):
     loaders = {
         "load_trained": lambda: load_trained(path),
         "load_weights_file": lambda: load_weights_file(tiny_model, path),
-        "load_checkpoint": lambda: engine.load_checkpoint(path),
+        "load_checkpoint": lambda: load_checkpoint(path),
     }
     for loader, call in loaders.items():
         with pytest.raises(NucleisegError) as info:

@@ -1,6 +1,7 @@
 """Training engine and the train stage's job: it learns, picks the best epoch on the whole-image val metric,
 resumes exactly, stops on NaN, logs to MLflow, runs under DDP."""
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -18,6 +19,7 @@ from nucleiseg.core.errors import NucleisegError
 from nucleiseg.model.maskrcnn import build_model, load_trained
 from nucleiseg.train import loop as engine
 from nucleiseg.train import stage as training
+from nucleiseg.train.checkpoint import Checkpointer, load_checkpoint
 from nucleiseg.train.samples import TileDataset
 
 NO_AUGMENT = AugmentConfig(crop=0, scale=[1.0, 1.0], flip=False, rot90=False, color_jitter=0.0)
@@ -174,19 +176,32 @@ def test_select_metric_and_val_every(tiny_tiles, train_cfg):
 
 @pytest.mark.parametrize("scripted, best", [([0.1, 0.7, 0.3], 2), ([0.8, 0.2, 0.1], 1)], ids=["best-at-checkpoint", "best-before"])
 def test_resume_keeps_the_best_weights(tiny_tiles, train_cfg, tmp_path, scripted, best):
-    """Checkpoint after epoch 2, resume to 3: the best weights survive, whether they are the checkpoint's
-    current weights (stored once) or an earlier epoch's."""
+    """Checkpoint after epoch 2, resume to 3: the best weights survive, from their own file named by their
+    epoch (the checkpoint holds only the current weights), whether they are epoch 2's or an earlier one's."""
     ckpt = tmp_path / "best.pt"
     first = ScriptedValidator(scripted[:2])
-    engine.fit(TinyDetector(), train_set(tiny_tiles, 1), train_cfg(epochs=2, lr=1e-2), CPU, seed=0, validate=first, checkpoint_path=ckpt,
+    engine.fit(TinyDetector(), train_set(tiny_tiles, 1), train_cfg(epochs=2, lr=1e-2), CPU, seed=0, validate=first, checkpointer=Checkpointer(ckpt),
                show_progress=False)
-    saved = engine.load_checkpoint(ckpt)
-    assert saved["best"]["epoch"] == best and (saved["best"]["state"] is None) == (best == 2)
+    saved = load_checkpoint(ckpt)
+    assert saved["best"]["epoch"] == best and "state" not in saved["best"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["best.pt", f"best.best-{best}.pt"])
+    assert_same_state(torch.load(tmp_path / f"best.best-{best}.pt", weights_only=True), first.seen[best])
     second = ScriptedValidator(scripted[2:], first_epoch=3)
     result = engine.fit(TinyDetector(seed=5), train_set(tiny_tiles, 1), train_cfg(epochs=3, lr=1e-2), CPU, seed=0, validate=second,
-                        checkpoint_path=ckpt, show_progress=False)
+                        checkpointer=Checkpointer(ckpt), show_progress=False)
     assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.best_epoch == best
     assert_same_state(result.best_state, first.seen[best])
+
+
+def test_a_missing_best_weights_file_is_one_clear_error(tiny_tiles, train_cfg, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    engine.fit(TinyDetector(), train_set(tiny_tiles, 1), train_cfg(epochs=1, lr=1e-2), CPU, seed=0, validate=ScriptedValidator([0.5]),
+               checkpointer=Checkpointer(ckpt), show_progress=False)
+    (tmp_path / "run.best-1.pt").unlink()
+    with pytest.raises(NucleisegError, match=r"run.best-1.pt is missing\); delete it") as info:
+        engine.fit(TinyDetector(), train_set(tiny_tiles, 1), train_cfg(epochs=2, lr=1e-2), CPU, seed=0, checkpointer=Checkpointer(ckpt),
+                   show_progress=False)
+    assert str(ckpt) in str(info.value) and "\n" not in str(info.value)
 
 
 # ----------------------------------------------------------------------------- resume, kill, NaN
@@ -194,13 +209,26 @@ def test_resume_keeps_the_best_weights(tiny_tiles, train_cfg, tmp_path, scripted
 RESUME = dict(epochs=2, batch_size=1, samples_per_epoch=1, lr=1e-4)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """With two intra-op threads, CPU training of Mask R-CNN is not bit-reproducible from run to run (last-bit
+    differences in some tensors after a few steps): bit-for-bit comparisons run on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def straight_run(tiny_tiles, tmp_path_factory, small_model, train_cfg):  # Mask R-CNN: slow tests only
     """2 epochs (1 step each) without interruption: the reference for the resume tests."""
     ckpt = tmp_path_factory.mktemp("straight") / "a.pt"
     model = small_model()
-    result = engine.fit(model, train_set(tiny_tiles), train_cfg(**RESUME), CPU, seed=0, checkpoint_path=ckpt, show_progress=False)
-    assert engine.load_checkpoint(ckpt)["epoch"] == 2
+    with one_thread():
+        result = engine.fit(model, train_set(tiny_tiles), train_cfg(**RESUME), CPU, seed=0, checkpointer=Checkpointer(ckpt), show_progress=False)
+    assert load_checkpoint(ckpt)["epoch"] == 2
     return result, copy.deepcopy(model.state_dict())
 
 
@@ -209,13 +237,15 @@ def test_resume_replays_exactly(tiny_tiles, tmp_path, straight_run, small_model,
     """1 epoch to a checkpoint, then a fresh model resumed to epoch 2 == 2 epochs straight (weights, losses, best), bit for bit."""
     straight, straight_state = straight_run
     ckpt = tmp_path / "b.pt"
-    first = engine.fit(small_model(), train_set(tiny_tiles), train_cfg(**{**RESUME, "epochs": 1}), CPU, seed=0, checkpoint_path=ckpt,
-                       show_progress=False)
-    assert engine.load_checkpoint(ckpt)["epoch"] == 1
+    with one_thread():
+        first = engine.fit(small_model(), train_set(tiny_tiles), train_cfg(**{**RESUME, "epochs": 1}), CPU, seed=0,
+                           checkpointer=Checkpointer(ckpt), show_progress=False)
+    assert load_checkpoint(ckpt)["epoch"] == 1
     assert first.history[0]["train_loss"] == straight.history[0]["train_loss"]
 
     model = small_model(seed=99)  # a different init: everything must come from the checkpoint
-    resumed = engine.fit(model, train_set(tiny_tiles), train_cfg(**RESUME), CPU, seed=0, checkpoint_path=ckpt, show_progress=False)
+    with one_thread():
+        resumed = engine.fit(model, train_set(tiny_tiles), train_cfg(**RESUME), CPU, seed=0, checkpointer=Checkpointer(ckpt), show_progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
     assert resumed.history[1]["train_loss"] == straight.history[1]["train_loss"]
     assert resumed.history[1]["lr"] == straight.history[1]["lr"]
@@ -261,49 +291,51 @@ def test_interrupt_message_says_whether_a_rerun_resumes(tmp_path, make_params, c
         (line,) = capsys.readouterr().err.splitlines()
         return line
 
-    before = interrupted(Interrupted(training.interrupted_message(params, training.TrainInputs(split=split))))
-    assert before == ("error: interrupted; no epoch had finished, so no checkpoint was written and nothing will be resumed: "
-                      "running the train stage again starts from epoch 1")
+    from nucleiseg.train.checkpoint import Checkpointer
+
     ckpt = training.checkpoint_path(params, training.TrainInputs(split=split))
+    before = interrupted(Interrupted(Checkpointer(ckpt).resume_hint(params.train.epochs)))
+    assert before == ("error: interrupted; nothing to resume: no checkpoint was written yet, so running the stage again "
+                      "starts from epoch 1")
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"checkpoint")
-    after = interrupted(Interrupted(training.interrupted_message(params, training.TrainInputs(split=split))))
-    assert after == (f"error: interrupted; the last finished epoch is checkpointed in checkpoints/{ckpt.name}: "
-                     "run the train stage again to resume from there")
+    after = interrupted(Interrupted(Checkpointer(ckpt).resume_hint(params.train.epochs)))
+    assert after == f"error: interrupted; run the stage again to resume from {ckpt}"
     assert interrupted(KeyboardInterrupt()) == f"error: interrupted; {RUN_AGAIN}"  # the other stages keep nothing
 
 
 def test_killed_run_resumes_from_last_checkpoint(tiny_tiles, tmp_path, train_cfg):
     """Killed in epoch 2 (after epoch 1's checkpoint), run again: only epoch 2 runs, and the weights equal an uninterrupted run's."""
-    cfg = train_cfg(**{**RESUME, "lr": 1e-2})
+    cfg = train_cfg(**{**RESUME, "lr": 1e-2, "checkpoint_every": 1})
     straight = TinyDetector()
     engine.fit(straight, train_set(tiny_tiles), cfg, CPU, seed=0, show_progress=False)
 
     ckpt = tmp_path / "run.pt"
     killed = KilledInEpoch(tiny_tiles, "train", NO_AUGMENT, seed=0)
     with pytest.raises(KeyboardInterrupt):
-        engine.fit(TinyDetector(), killed, cfg, CPU, seed=0, checkpoint_path=ckpt, show_progress=False)
-    assert engine.load_checkpoint(ckpt)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"], "atomic save left a temp folder"
+        engine.fit(TinyDetector(), killed, cfg, CPU, seed=0, checkpointer=Checkpointer(ckpt), show_progress=False)
+    assert load_checkpoint(ckpt)["epoch"] == 1
+    # Without validation the lowest train loss so far is the best epoch: epoch 1, in its own file.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.best-1.pt", "run.pt"], "atomic save left a temp folder"
 
     seen = []
     model = TinyDetector(seed=7)
-    engine.fit(model, train_set(tiny_tiles), cfg, CPU, seed=0, checkpoint_path=ckpt, on_epoch_end=seen.append, show_progress=False)
+    engine.fit(model, train_set(tiny_tiles), cfg, CPU, seed=0, checkpointer=Checkpointer(ckpt), on_epoch_end=seen.append, show_progress=False)
     assert [row["epoch"] for row in seen] == [2]
-    assert engine.load_checkpoint(ckpt)["epoch"] == 2
+    assert load_checkpoint(ckpt)["epoch"] == 2
     for key, value in straight.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
 
 
 def test_checkpoint_holds_only_tensors_and_plain_data(tmp_path, tiny_tiles, train_cfg):
     ckpt = tmp_path / "plain.pt"
-    engine.fit(TinyDetector(), train_set(tiny_tiles), train_cfg(**{**RESUME, "epochs": 1}), CPU, seed=0, checkpoint_path=ckpt,
+    engine.fit(TinyDetector(), train_set(tiny_tiles), train_cfg(**{**RESUME, "epochs": 1}), CPU, seed=0, checkpointer=Checkpointer(ckpt),
                extra_state={"mlflow_run_id": "abc"}, show_progress=False)
     saved = torch.load(ckpt, weights_only=True)  # raises if anything else is in it
     assert saved["run"] == {"mlflow_run_id": "abc"} and saved["epoch"] == 1
     torch.save({"model": saved["model"]}, tmp_path / "foreign.pt")  # a weights file, not a checkpoint
     with pytest.raises(NucleisegError, match="delete it"):
-        engine.fit(TinyDetector(), train_set(tiny_tiles), train_cfg(**RESUME), CPU, seed=0, checkpoint_path=tmp_path / "foreign.pt",
+        engine.fit(TinyDetector(), train_set(tiny_tiles), train_cfg(**RESUME), CPU, seed=0, checkpointer=Checkpointer(tmp_path / "foreign.pt"),
                    show_progress=False)
 
 
@@ -320,24 +352,47 @@ def test_non_finite_loss_stops_training(tiny_tiles, tmp_path, train_cfg):
     ckpt = tmp_path / "nan.pt"
     seen = []
     with pytest.raises(NucleisegError, match="non-finite") as info:
-        engine.fit(NanModel(), train_set(tiny_tiles), train_cfg(epochs=2), CPU, seed=0, checkpoint_path=ckpt, on_epoch_end=seen.append,
+        engine.fit(NanModel(), train_set(tiny_tiles), train_cfg(epochs=2), CPU, seed=0, checkpointer=Checkpointer(ckpt), on_epoch_end=seen.append,
                    show_progress=False)
     assert "loss_mask=nan" in str(info.value) and "train.lr" in str(info.value)
     assert "\n" not in str(info.value)
     assert not ckpt.exists() and seen == []
 
 
-def test_lr_drops_at_the_start_of_lr_drop_epoch(train_cfg):
-    """Epochs count from 1: with lr_drop_epoch=3 and 4 iterations an epoch, iterations 8+ (epoch 3) run at lr x factor."""
+def lrs_of(cfg, iters_per_epoch: int, iterations: int) -> list[float]:
     param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=1.0)
-    scheduler = engine.build_scheduler(optimizer, train_cfg(lr=1.0, warmup_iters=0, lr_drop_epoch=3, lr_drop_factor=0.1), iters_per_epoch=4)
+    optimizer = torch.optim.SGD([param], lr=cfg.lr)
+    scheduler = engine.build_scheduler(optimizer, cfg, iters_per_epoch)
     lrs = []
-    for _ in range(12):
+    for _ in range(iterations):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert lrs[:8] == [1.0] * 8 and lrs[8:] == pytest.approx([0.1] * 4)
+    return lrs
+
+
+def test_lr_drops_at_the_start_of_each_milestone_epoch(train_cfg):
+    """Epochs count from 1: with milestones [3, 5] and 4 iterations an epoch, iterations 8-15 (epochs 3-4) run at
+    lr x gamma and 16+ at lr x gamma^2; [] never drops."""
+    lrs = lrs_of(train_cfg(lr=1.0, warmup_iters=0, lr_milestones=[3, 5], lr_gamma=0.1), 4, 20)
+    assert lrs[:8] == [1.0] * 8 and lrs[8:16] == pytest.approx([0.1] * 8) and lrs[16:] == pytest.approx([0.01] * 4)
+    assert lrs_of(train_cfg(lr=1.0, warmup_iters=0, lr_milestones=[]), 4, 20) == [1.0] * 20
+
+
+@pytest.mark.parametrize("warmup, milestones", [(200, [60]), (0, [60]), (200, []), (50, [2])], ids=["default", "no-warmup", "no-drop", "drop-in-warmup"])
+def test_lr_schedule_equals_the_former_formula(make_params, warmup, milestones):
+    """torch's LinearLR chained with MultiStepLR gives the hand-written LambdaLR schedule this replaced (one drop epoch):
+    linear warm-up from 0.001 x lr, x lr_gamma from the drop epoch's first iteration, the two multiplied."""
+    cfg = make_params(train={"lr": 2e-4, "warmup_iters": warmup, "lr_milestones": milestones, "lr_gamma": 0.1}).train
+    iters_per_epoch = 13
+    drop_at = (milestones[0] - 1) * iters_per_epoch if milestones else None
+
+    def former(iteration: int) -> float:
+        warm = min(1.0, 0.001 + (1 - 0.001) * iteration / warmup) if warmup else 1.0
+        return 2e-4 * warm * (0.1 if drop_at is not None and iteration >= drop_at else 1.0)
+
+    lrs = lrs_of(cfg, iters_per_epoch, 80 * iters_per_epoch)
+    assert lrs == pytest.approx([former(i) for i in range(len(lrs))], rel=1e-12, abs=0)
 
 
 def test_autocast_dtype_is_cuda_only():
@@ -483,6 +538,7 @@ DDP_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from nucleiseg.train import loop as engine
     from nucleiseg.core.config import ModelConfig, params_from_dict
+    from nucleiseg.train.checkpoint import Checkpointer
     from nucleiseg.train.samples import TileDataset
     from nucleiseg.model.maskrcnn import build_model
 
@@ -503,9 +559,9 @@ DDP_SCRIPT = textwrap.dedent(
 
     ds = Recording(tiles_dir, "train", None, 0)
     ds.entries = ds.entries[:4]  # 2 windows per rank: one step of batch 2 each
-    cfg = params_from_dict({"train": {"epochs": epochs, "batch_size": 2, "lr": 1e-3, "warmup_iters": 1, "lr_drop_epoch": 0,
+    cfg = params_from_dict({"train": {"epochs": epochs, "batch_size": 2, "lr": 1e-3, "warmup_iters": 1, "lr_milestones": [],
                                       "amp": "off", "workers": 0}}).train
-    result = engine.fit(model, ds, cfg, torch.device("cpu"), 0, None, out_dir / "ckpt.pt", dist=dist, show_progress=False)
+    result = engine.fit(model, ds, cfg, torch.device("cpu"), 0, None, Checkpointer(out_dir / "ckpt.pt"), dist=dist, show_progress=False)
     torch.save(model.state_dict(), out_dir / f"rank{dist.rank}-epochs{epochs}.pt")
     # One file per rank: two processes printing to one pipe can interleave mid-line.
     (out_dir / f"rank{dist.rank}-epochs{epochs}.json").write_text(
@@ -528,7 +584,7 @@ def test_ddp_two_processes_gloo(tiny_tiles, tiny_model_cfg, tmp_path):
             capture_output=True, text=True, timeout=300, env=env,
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        ckpt = engine.load_checkpoint(tmp_path / "ckpt.pt")
+        ckpt = load_checkpoint(tmp_path / "ckpt.pt")
         assert ckpt["epoch"] == epochs
         rank0 = torch.load(tmp_path / f"rank0-epochs{epochs}.pt", weights_only=True)
         rank1 = torch.load(tmp_path / f"rank1-epochs{epochs}.pt", weights_only=True)

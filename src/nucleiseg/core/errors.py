@@ -19,6 +19,11 @@ class NucleisegError(Exception):
     """A failure the user can fix; its message is shown as is, without a traceback."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, carrying what running the stage again will do (e.g. whether there is anything to resume):
+    main_guard prints it instead of its `interrupted` line."""
+
+
 # `scheme://user:password@host`: the user-info part of a URI. MLflow and urllib3 put the
 # tracking URI into their exception texts, which would print a server password.
 _USER_INFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
@@ -73,10 +78,6 @@ def _redact_log_records() -> None:
 
     factory.redacts = True
     logging.setLogRecordFactory(factory)
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM, with what running again will do (the train stage: resume, or start over)."""
 
 
 # Every stage writes its outputs atomically and only train keeps a resume checkpoint (its Interrupted says).

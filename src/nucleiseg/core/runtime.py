@@ -54,10 +54,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_workers() -> int:
-    """The cores this process may use, minus one for the training loop, at most 12."""
+def default_workers(sharing: int = 1) -> int:
+    """This process's share of the cores it may use (`sharing` processes split them), minus one for
+    the training loop, at most 12."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(0, min(cores - 1, 12))
+    return max(0, min(cores // max(sharing, 1) - 1, 12))

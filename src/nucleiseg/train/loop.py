@@ -1,21 +1,19 @@
-"""Training loop: epochs, validation, best-epoch selection, checkpoint/resume, DDP.
-
-Shaped like torchvision's references/detection engine: `train_one_epoch` takes
-explicit objects; `fit` adds validation, checkpoints and resume. Each epoch
-reseeds the global RNG from (seed, epoch), so a run resumed from a checkpoint
-replays exactly the epochs an uninterrupted run would have.
+"""The training loop: `train_one_epoch` (torchvision references/detection's shape: explicit
+objects), a small `Trainer` that runs epochs and calls its hooks (validation, best weights,
+logging, checkpoints: train/hooks.py), and `fit`, which builds both from the train params and
+resumes from a checkpoint. Each epoch reseeds the global RNG from (seed, epoch), so a run resumed
+from a checkpoint replays exactly the epochs an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import pickle
 import signal
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,34 +21,43 @@ from tqdm import tqdm
 
 from nucleiseg.core.config import TrainConfig
 from nucleiseg.core.errors import NucleisegError
-from nucleiseg.core.io import atomic_path
 from nucleiseg.core.runtime import DistInfo, default_workers, seed_everything
+from nucleiseg.train.checkpoint import Checkpointer, cpu_copy
+from nucleiseg.train.hooks import (
+    BestWeightsHook,
+    CheckpointHook,
+    HookBase,
+    LoggingHook,
+    ValidationHook,
+)
 from nucleiseg.train.samples import EpochBatches, EpochSampler, collate, expand_masks
 
 log = logging.getLogger(__name__)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, **implementation) -> torch.optim.Optimizer:
+    """`train.optimizer`; `implementation` (foreach=, fused=) picks torch's kernels (benchmarks/train_step.py compares them)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **implementation)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **implementation)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **implementation)
     raise NucleisegError(f"params.yaml: train.optimizer={cfg.optimizer!r}; choose adam, adamw or sgd")
 
 
-def build_scheduler(optimizer, cfg: TrainConfig, iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-iteration schedule: linear warmup, then x lr_drop_factor from lr_drop_epoch on."""
-    warmup = max(int(cfg.warmup_iters), 0)
-    drop_at = (int(cfg.lr_drop_epoch) - 1) * iters_per_epoch  # epochs count from 1
-
-    def factor(iteration: int) -> float:
-        warm = min(1.0, 0.001 + (1 - 0.001) * iteration / warmup) if warmup else 1.0
-        return warm * (cfg.lr_drop_factor if cfg.lr_drop_epoch and iteration >= drop_at else 1.0)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def build_scheduler(optimizer, cfg: TrainConfig, iters_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-iteration schedule: linear warm-up from 0.001 x lr over `warmup_iters`, and x `lr_gamma` from
+    the start of each epoch in `lr_milestones` (epochs count from 1). Chained rather than sequential:
+    the factors multiply, so a milestone inside the warm-up still applies from its epoch on."""
+    lr_scheduler = torch.optim.lr_scheduler
+    steps = []
+    if cfg.warmup_iters:
+        steps.append(lr_scheduler.LinearLR(optimizer, start_factor=0.001, end_factor=1.0, total_iters=cfg.warmup_iters))
+    milestones = [(epoch - 1) * iters_per_epoch for epoch in cfg.lr_milestones]
+    steps.append(lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_gamma))
+    return lr_scheduler.ChainedScheduler(steps, optimizer)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -153,32 +160,114 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+class StopRequest:
+    """While active (main thread only), the first SIGINT/SIGTERM asks the trainer to stop after the
+    epoch it is in, once that epoch is checkpointed; a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, _frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s: stopping after this epoch, once it is checkpointed (send it again to stop at once)", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A resume checkpoint (tensors and plain data only); a damaged one is one clear error."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or not {"model", "optimizer", "scheduler", "epoch", "history", "best"} <= set(ckpt):
-            raise ValueError("not a training checkpoint")
-        return ckpt
-    except Exception as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if isinstance(exc, pickle.UnpicklingError):  # torch's text advises weights_only=False: never for a damaged file
-            detail = "not a file of tensors and plain data that torch.load can read"
-        raise NucleisegError(f"{path}: cannot resume from this checkpoint ({detail}); delete it to train from the start") from None
+class Trainer:
+    """The loop: per epoch, reseed, `train_one_epoch`, append the epoch's row to the history, call the hooks.
 
+    `stop_requested` is decided once per epoch, before its hooks (agreed between DDP ranks), so that
+    every hook of that epoch sees the same answer; then the trainer raises KeyboardInterrupt.
+    """
 
-def _better(row: dict, best: dict, select_key: str | None) -> bool:
-    """Higher val metric wins (lower train loss breaks ties); without validation, lower train loss."""
-    if select_key is None:
-        return row["train_loss"] < best["loss"]
-    if select_key not in row:
-        return False
-    return (row[select_key], -row["train_loss"]) > (best["metric"], -best["loss"])
+    def __init__(self, model, optimizer, scheduler, cfg: TrainConfig, device: torch.device, seed: int, dist: DistInfo,
+                 scaler=None, amp_dtype: torch.dtype | None = None, show_progress: bool = True) -> None:
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.cfg, self.device, self.seed, self.dist = cfg, device, seed, dist
+        self.amp_dtype, self.show_progress = amp_dtype, show_progress
+        self.hooks: list[HookBase] = []
+        self.stop = StopRequest()
+        self.stop_requested = False
+        self.epoch, self.max_epoch = 0, cfg.epochs
+        self.history: list[dict] = []
+        self.row: dict = {}
+
+    def register(self, *hooks: HookBase) -> None:
+        for hook in hooks:
+            hook.trainer = self
+            self.hooks.append(hook)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None, "epoch": self.epoch, "history": self.history}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.history = int(ckpt["epoch"]), list(ckpt["history"])
+
+    def _agree_to_stop(self) -> bool:
+        if not self.dist.enabled:
+            return self.stop.requested
+        flag = torch.tensor([float(self.stop.requested)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self, train_set, sampler: EpochSampler, workers: int, handle_signals: bool) -> None:
+        """Epochs after `self.epoch` (0, or the checkpoint's) up to `max_epoch`; with `handle_signals`, a first
+        SIGTERM/SIGINT stops after the epoch it lands in (see StopRequest)."""
+        cfg, dist = self.cfg, self.dist
+        steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
+        # Wrapped after resuming: every rank loaded the checkpoint, so all start from the same weights and epoch.
+        train_model = self.model
+        if dist.enabled:
+            train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        log.info("training on %s: %d windows per epoch, batch %d, %d loader workers, amp %s", self.device, len(sampler) * dist.world_size,
+                 cfg.batch_size, workers, self.amp_dtype or "off")
+        loader = build_loader(train_set, EpochBatches(sampler, cfg.batch_size, self.epoch + 1, self.max_epoch), workers,
+                              pin_memory=self.device.type == "cuda")
+        batches = iter(loader)
+        try:
+            with self.stop if handle_signals else nullcontext():
+                for hook in self.hooks:
+                    hook.before_train()
+                for epoch in range(self.epoch + 1, self.max_epoch + 1):
+                    self.epoch = epoch
+                    seed_everything(self.seed * 1000 + epoch)
+                    started = time.perf_counter()
+                    losses = train_one_epoch(train_model, self.optimizer, self.scheduler, batches, steps_per_epoch, self.device, epoch,
+                                             self.amp_dtype, self.scaler, cfg.grad_clip, self.show_progress and dist.is_main)
+                    seconds = time.perf_counter() - started
+                    self.row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
+                                "windows_per_second": len(sampler) * dist.world_size / max(seconds, 1e-9),
+                                "loader_wait_share": losses.pop("loader_wait_seconds") / max(seconds, 1e-9)}
+                    self.row.update({f"train_{k}": v for k, v in losses.items()})
+                    self.history.append(self.row)
+                    self.stop_requested = self._agree_to_stop()
+                    for hook in self.hooks:
+                        hook.after_epoch()
+                    if self.stop_requested:
+                        raise KeyboardInterrupt
+        finally:
+            for hook in self.hooks:
+                hook.after_train()
 
 
 def fit(
@@ -188,19 +277,21 @@ def fit(
     device: torch.device,
     seed: int,
     validate: Callable[[torch.nn.Module], dict] | None = None,
-    checkpoint_path: Path | None = None,
+    checkpointer: Checkpointer | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
     extra_state: dict | None = None,
     dist: DistInfo | None = None,
     show_progress: bool = True,
+    workers: int | None = None,
 ) -> FitResult:
-    """Train for cfg.epochs, validating every cfg.val_every epochs (and at the last); resume from
-    checkpoint_path if present.
+    """Train for cfg.epochs, resuming from `checkpointer`'s checkpoint when there is one.
 
-    `validate(model)` returns whole-image val metrics; the best epoch has the highest
-    `cfg.select_metric` among them. The global RNG is reseeded from (seed, epoch) at the start of
-    each epoch and augmentations draw from (seed, epoch, index), so a resumed run replays
-    exactly the epochs an uninterrupted run would have.
+    The hooks, in order: validation with `validate(model)` (whole-image val metrics) every
+    cfg.val_every epochs and at the last; the best epoch (highest `cfg.select_metric` among
+    validated epochs; the lowest train loss without `validate`); the log line and
+    `on_epoch_end(row)`; the resume checkpoint (cfg.checkpoint_every/checkpoint_seconds,
+    the last epoch, a SIGTERM/SIGINT), holding `extra_state` as its "run". Under DDP only rank 0
+    runs hooks; every rank reads the checkpoint. `workers` overrides cfg.workers.
     """
     dist = dist or DistInfo()
     model.to(device)
@@ -208,71 +299,29 @@ def fit(
     # benchmark mode autotunes each new shape (on an H200 the first epochs ran 5-7 windows/s).
     if device.type == "cuda" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    workers = default_workers() if cfg.workers == "auto" else int(cfg.workers)
+    if workers is None:
+        workers = default_workers() if cfg.workers == "auto" else int(cfg.workers)
     sampler = EpochSampler(len(train_set), seed, cfg.samples_per_epoch, dist.rank, dist.world_size)
-    steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg, math.ceil(len(sampler) / cfg.batch_size))
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    select_key = f"val_{cfg.select_metric}" if validate is not None else None
-
-    start_epoch, history = 1, []
-    best = {"epoch": 0, "metric": -math.inf, "loss": math.inf, "state": None}
-    if checkpoint_path is not None and checkpoint_path.is_file():
-        ckpt = load_checkpoint(checkpoint_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
-        if best["state"] is None and best["epoch"] == ckpt["epoch"]:
-            best = {**best, "state": copy.deepcopy(model.state_dict())}
-        log.info("resuming from %s at epoch %d", checkpoint_path, start_epoch)
-    # Wrapped after resuming: every rank loads the checkpoint, so all start from the same weights and epoch.
-    train_model = model
-    if dist.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    log.info("training on %s: %d windows per epoch, batch %d, %d loader workers, amp %s", device, len(sampler) * dist.world_size,
-             cfg.batch_size, workers, amp_dtype or "off")
-    loader = build_loader(train_set, EpochBatches(sampler, cfg.batch_size, start_epoch, cfg.epochs), workers, pin_memory=device.type == "cuda")
-    batches = iter(loader)
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        seed_everything(seed * 1000 + epoch)
-        started = time.perf_counter()
-        losses = train_one_epoch(train_model, optimizer, scheduler, batches, steps_per_epoch, device, epoch, amp_dtype, scaler,
-                                 cfg.grad_clip, show_progress and dist.is_main)
-        seconds = time.perf_counter() - started
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
-               "windows_per_second": len(sampler) * dist.world_size / max(seconds, 1e-9),
-               "loader_wait_share": losses.pop("loader_wait_seconds") / max(seconds, 1e-9)}
-        row.update({f"train_{k}": v for k, v in losses.items()})
-        if dist.is_main and validate is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
-            started = time.perf_counter()
-            row.update({f"val_{k}": v for k, v in validate(model).items() if isinstance(v, (int, float))})
-            row["val_seconds"] = time.perf_counter() - started
-            model.train()
-        if dist.is_main and _better(row, best, select_key):
-            best = {"epoch": epoch, "metric": row.get(select_key, -math.inf) if select_key else -math.inf,
-                    "loss": row["train_loss"], "state": copy.deepcopy(model.state_dict())}
-        row["best_epoch"] = best["epoch"]
-        history.append(row)
-        if dist.is_main:
-            log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-            if on_epoch_end is not None:
-                on_epoch_end(row)
-            if checkpoint_path is not None:
-                # The best weights are stored only when they differ from the current ones.
-                kept_best = {**best, "state": None} if best["epoch"] == epoch else best
-                save_checkpoint(checkpoint_path, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
-                    "history": history, "best": kept_best, "run": extra_state or {},
-                })
-        if dist.enabled:
-            torch.distributed.barrier()
-    if best["state"] is None:
-        best = {"epoch": cfg.epochs, "metric": best["metric"], "loss": best["loss"], "state": copy.deepcopy(model.state_dict())}
-    return FitResult(best["epoch"], best["state"], best["metric"], history)
+    trainer = Trainer(model, optimizer, scheduler, cfg, device, seed, dist, scaler, amp_dtype, show_progress)
+    best = BestWeightsHook(f"val_{cfg.select_metric}" if validate is not None else None)
+    if dist.is_main:
+        if validate is not None:
+            trainer.register(ValidationHook(validate, cfg.val_every))
+        trainer.register(best, LoggingHook(on_epoch_end))
+        if checkpointer is not None:
+            trainer.register(CheckpointHook(checkpointer, best, cfg.checkpoint_every, cfg.checkpoint_seconds, extra_state))
+    if checkpointer is not None and checkpointer.exists():
+        ckpt, best_state = checkpointer.load()
+        trainer.load_state_dict(ckpt)
+        best.restore(ckpt["best"], best_state)
+        log.info("resuming from %s at epoch %d", checkpointer.path, trainer.epoch + 1)
+    trainer.train(train_set, sampler, workers, handle_signals=checkpointer is not None)
+    if not dist.is_main:
+        return FitResult(trainer.epoch, model.state_dict(), -math.inf, trainer.history)
+    if best.state is None:  # no epoch was ever better (e.g. no validation metric): the last one
+        best.restore({**best.record, "epoch": trainer.epoch}, cpu_copy(model.state_dict()))
+    return FitResult(best.record["epoch"], best.state, best.record["metric"], trainer.history)

@@ -7,20 +7,29 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from nucleiseg.core.config import Params
-from nucleiseg.core.errors import NucleisegError, redact
+from nucleiseg.core.errors import Interrupted, NucleisegError, redact
 from nucleiseg.core.io import atomic_path, read_json, repo_root, write_json
-from nucleiseg.core.runtime import dist_info, resolve_device, seed_everything
+from nucleiseg.core.runtime import (
+    DistInfo,
+    default_workers,
+    dist_info,
+    resolve_device,
+    seed_everything,
+)
 from nucleiseg.data.layout import load_train_sample, source_record
 from nucleiseg.model.maskrcnn import build_model, model_file
 from nucleiseg.track import runs as tracking
+from nucleiseg.train.checkpoint import Checkpointer
 from nucleiseg.train.hooks import WholeImageValidator
 from nucleiseg.train.loop import fit
+from nucleiseg.train.running import concurrent_trainings, training_lock
 from nucleiseg.train.samples import TileDataset
 
 log = logging.getLogger(__name__)
@@ -61,19 +70,6 @@ def checkpoint_path(params: Params, inputs: TrainInputs, checkpoints_dir: Path |
         key[path.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return (checkpoints_dir or repo_root() / "checkpoints") / f"train-{digest}.pt"
-
-
-def interrupted_message(params: Params, inputs: TrainInputs, checkpoints_dir: Path | None = None) -> str:
-    """What a rerun of an interrupted train stage will do: resume from the checkpoint, or (none was
-    written: no epoch had finished) start over."""
-    path = checkpoint_path(params, inputs, checkpoints_dir)
-    if path.is_file():
-        try:
-            shown = path.relative_to(Path.cwd().resolve())
-        except ValueError:
-            shown = path
-        return f"the last finished epoch is checkpointed in {shown}: run the train stage again to resume from there"
-    return "no epoch had finished, so no checkpoint was written and nothing will be resumed: running the train stage again starts from epoch 1"
 
 
 VAL_CURVES = ("val_ap50_all", "val_ap50", "val_f1", "val_pq")
@@ -131,12 +127,39 @@ def _validator(params: Params, inputs: TrainInputs, device: torch.device) -> Who
     return WholeImageValidator(samples, params.infer, params.evaluate, device)
 
 
+def loader_workers(setting: int | str, checkpoints_dir: Path, dist: DistInfo) -> int:
+    """`train.workers`; 'auto' splits the cores between the trainings running under the repository
+    and the DDP processes of this one."""
+    if setting != "auto":
+        return int(setting)
+    trainings = concurrent_trainings(checkpoints_dir)
+    workers = default_workers(trainings * int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
+    if trainings > 1:
+        log.info("%d trainings share this machine: %d loader workers each", trainings, workers)
+    return workers
+
+
 def run_training(params: Params, inputs: TrainInputs | None = None, outputs: TrainOutputs | None = None, show_progress: bool = True) -> dict:
-    """Train the configured backbone; write model, run id, metrics and curves; returns the metrics."""
+    """Train the configured backbone; write model, run id, metrics and curves; returns the metrics.
+
+    Interrupted (Ctrl-C, SIGTERM), it raises `Interrupted` saying what running it again does."""
     inputs, outputs = inputs or TrainInputs(), outputs or TrainOutputs()
+    checkpointer = Checkpointer(checkpoint_path(params, inputs))
+    dist = dist_info()
+    if not dist.is_main:  # rank 0 holds the lock, writes the files and logs
+        return _train(params, inputs, outputs, checkpointer, dist, show_progress)
+    try:
+        with training_lock(checkpointer.path):
+            metrics = _train(params, inputs, outputs, checkpointer, dist, show_progress)
+            checkpointer.remove()
+    except KeyboardInterrupt:
+        raise Interrupted(checkpointer.resume_hint(params.train.epochs)) from None
+    return metrics
+
+
+def _train(params: Params, inputs: TrainInputs, outputs: TrainOutputs, checkpointer: Checkpointer, dist: DistInfo, show_progress: bool) -> dict:
     stage_started = time.perf_counter()
     mcfg, tcfg, seed = params.model, params.train, params.seed
-    dist = dist_info()
     if dist.enabled and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() and params.device != "cpu" else "gloo")
     device = resolve_device(params.device, dist)
@@ -145,18 +168,15 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
     seed_everything(seed)
     model = build_model(mcfg)
     train_set = TileDataset(inputs.tiles, "train", tcfg.augment, seed)
-    ckpt_path = checkpoint_path(params, inputs)
+    workers = loader_workers(tcfg.workers, checkpointer.path.parent, dist)
 
     if not dist.is_main:
-        fit(model, train_set, tcfg, device, seed, None, ckpt_path, dist=dist, show_progress=False)  # reads only; rank 0 writes
+        fit(model, train_set, tcfg, device, seed, None, checkpointer, dist=dist, show_progress=False, workers=workers)  # reads only
         return {}
 
     validate = _validator(params, inputs, device)
-    resumed_run = None
-    if ckpt_path.is_file():
-        from nucleiseg.train.loop import load_checkpoint
-
-        resumed_run = load_checkpoint(ckpt_path).get("run", {}).get("mlflow_run_id")
+    resumed = checkpointer.summary()
+    resumed_run = resumed["run"].get("mlflow_run_id") if resumed else None
     if resumed_run:
         try:
             tracking.check_run(resumed_run)
@@ -177,10 +197,10 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
             tracking.log_params(params.flat())
             mlflow.log_params({"train_windows": len(train_set), "val_images": len(validate.samples) if validate is not None else 0, "world_size": dist.world_size})
         result = fit(
-            model, train_set, tcfg, device, seed, validate, ckpt_path,
+            model, train_set, tcfg, device, seed, validate, checkpointer,
             on_epoch_end=lambda row: mlflow.log_metrics(epoch_metrics(row), step=row["epoch"]),
             extra_state={"mlflow_run_id": run.info.run_id},
-            dist=dist, show_progress=show_progress,
+            dist=dist, show_progress=show_progress, workers=workers,
         )
         if validate is None:
             result.best_epoch, result.best_state = tcfg.epochs, model.state_dict()
@@ -209,5 +229,4 @@ def run_training(params: Params, inputs: TrainInputs | None = None, outputs: Tra
         tracking.log_model(outputs.model)
         write_json(outputs.run, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": redact(tracking.tracking_uri())})
     log.info("trained %s in %.0f s; best epoch %d", mcfg.backbone, time.perf_counter() - stage_started, result.best_epoch)
-    ckpt_path.unlink(missing_ok=True)
     return metrics
