@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from dvc_experiments import shown_experiments
 
 from nucleiseg.core import coco
 from nucleiseg.core.config import read_params
@@ -118,15 +119,8 @@ def test_second_backbone_reruns_only_train_to_evaluate(demo_repo):
 
 def test_exp_show_lists_both_experiments_with_metrics(demo_repo):
     root, env, _, _ = demo_repo
-    shown = json.loads(_run(["dvc", "exp", "show", "--json"], root, env).stdout)
-    found = {}
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs", []):
-                data = rev.get("data") or {}
-                metrics = (data.get("metrics") or {}).get("metrics/eval.json", {}).get("data", {})
-                params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
-                found[rev.get("name") or exp.get("name")] = (params.get("backbone"), metrics)
+    shown = shown_experiments(json.loads(_run(["dvc", "exp", "show", "--json"], root, env).stdout))
+    found = {name: (params.get("backbone"), metrics) for name, (params, metrics) in shown.items()}
     assert {"e2e-r50", "e2e-r18"} <= set(found), found.keys()
     assert found["e2e-r50"][0] == "resnet50" and found["e2e-r18"][0] == "resnet18"
     for _, metrics in (found["e2e-r50"], found["e2e-r18"]):

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from dvc_experiments import shown_experiments
 
 pytestmark = pytest.mark.slow
 
@@ -115,15 +116,8 @@ def test_two_finished_mlflow_runs_that_overlapped(queued_repo):
 
 def test_exp_show_lists_both_with_their_metrics(queued_repo):
     root, env, _, _ = queued_repo
-    shown = json.loads(_run(["dvc", "exp", "show", "--json"], root, env))
-    found = {}
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs", []):
-                data = rev.get("data") or {}
-                metrics = (data.get("metrics") or {}).get("metrics/eval.json", {}).get("data", {})
-                params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
-                found[rev.get("name") or exp.get("name")] = (params.get("train", {}).get("lr"), metrics)
+    shown = shown_experiments(json.loads(_run(["dvc", "exp", "show", "--json"], root, env)))
+    found = {name: (params.get("train", {}).get("lr"), metrics) for name, (params, metrics) in shown.items()}
     assert set(EXPERIMENTS) <= set(found), found.keys()
     for name, lr in EXPERIMENTS.items():
         assert found[name][0] == pytest.approx(float(lr))
