@@ -352,7 +352,7 @@ def test_logged_model_predicts_like_its_file(tmp_path, store):
     folder = Path(urlparse(logged.artifact_location).path)
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "code/" not in p.relative_to(folder).as_posix())
     assert files == ["MLmodel", "artifacts/model.pt", "conda.yaml", "mlflow_model.py", "python_env.yaml", "requirements.txt"]
-    assert (folder / "code" / "nucleiseg" / "model.py").is_file()  # the package travels with the pyfunc
+    assert (folder / "code" / "nucleiseg" / "model" / "maskrcnn.py").is_file()  # the package travels with the pyfunc
 
 
 def test_too_many_instances_for_uint16():
