@@ -1,6 +1,7 @@
 """params.yaml: the defaults live in one place (config.Params), and every bad value is one line naming its key
 (issue 12), from the library and from a stage's command line."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,23 @@ def test_tile_stage_with_a_bad_param_is_one_error_line_and_writes_nothing(tmp_pa
         assert f"{dotted} = {value!r}" in lines[0] or f"{dotted} = {value}" in lines[0], lines[0]
         assert "Traceback" not in done.stderr + done.stdout
         assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_dvc_can_set_every_list_param(tmp_path):
+    """`dvc exp run -S key=[...]` on each list param rewrites only that list. With a comment on the list key's own
+    line, DVC's writer merged the next two keys into one invalid line (`lr_gamma: 0.1 warmup_iters: 200`), which
+    broke scripts/demo's `-S train.lr_milestones=[]`."""
+    from dvc.utils.hydra import apply_overrides
+
+    from nucleiseg.core.config import flatten
+
+    text = (REPO / "params.yaml").read_text()
+    defaults = flatten(yaml.safe_load(text))
+    path = tmp_path / "params.yaml"
+    for key, value in defaults.items():
+        if not isinstance(value, list):
+            continue
+        for new in ([], value[:1] or [1]):
+            path.write_text(text)
+            apply_overrides(str(path), [f"{key}={json.dumps(new)}"])
+            assert flatten(yaml.safe_load(path.read_text())) == {**defaults, key: new}, (key, new)

@@ -48,7 +48,7 @@ OVERRIDES = [
     "train.augment.rot90=false", "train.augment.color_jitter=0.0",
     "infer.window=64", "infer.overlap=24", "evaluate.max_dets_all=100", "evaluate.overlays=1",
     # A 4-step model is near random: keep its every detection, so that export has an answer to write.
-    "infer.score_threshold=0.0", "infer.mask_threshold=0.1", "infer.min_area=0",
+    "infer.score_floor=0.0", "infer.mask_threshold=0.1", "infer.min_area=0",
 ]
 
 
