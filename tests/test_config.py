@@ -36,21 +36,6 @@ def test_dvc_set_param_changes_only_the_lines_it_sets(tmp_path):
     assert [b.split("#")[0].strip() for _, b in changed] == ["backbone: resnet18", "epochs: 3", "score_threshold: 0.5"]
 
 
-def test_dvc_set_param_can_empty_every_list(tmp_path):
-    """`-S key=[]` on each list in params.yaml leaves a YAML file DVC and nucleiseg can read (ruamel drops a
-    line break when the list's key line carries a comment: `lr_gamma: 0.1 warmup_iters: 200`)."""
-    from dvc.utils.hydra import apply_overrides
-
-    text = (REPO / "params.yaml").read_text()
-    lists = [key for key, value in Params().flat().items() if isinstance(value, list)]
-    assert "train.lr_milestones" in lists
-    for key in lists:
-        path = tmp_path / "params.yaml"
-        path.write_text(text)
-        apply_overrides(str(path), [f"{key}=[]"])
-        assert yaml.safe_load(path.read_text()) is not None, key
-
-
 def test_as_dict_round_trips_and_flat_names_every_param(tiny_params):
     assert params_from_dict(tiny_params.as_dict()) == tiny_params
     flat = Params().flat()
