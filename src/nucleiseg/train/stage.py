@@ -27,9 +27,9 @@ from nucleiseg.data.layout import load_train_sample, source_record
 from nucleiseg.model.maskrcnn import build_model, model_file
 from nucleiseg.track import runs as tracking
 from nucleiseg.train.checkpoint import Checkpointer
+from nucleiseg.train.concurrency import concurrent_trainings, training_lock
 from nucleiseg.train.hooks import WholeImageValidator
 from nucleiseg.train.loop import fit
-from nucleiseg.train.running import concurrent_trainings, training_lock
 from nucleiseg.train.samples import TileDataset
 
 log = logging.getLogger(__name__)

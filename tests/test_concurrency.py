@@ -10,8 +10,8 @@ import pytest
 
 from nucleiseg.core.errors import NucleisegError
 from nucleiseg.core.runtime import DistInfo
-from nucleiseg.train import running
-from nucleiseg.train.running import (
+from nucleiseg.train import concurrency as running
+from nucleiseg.train.concurrency import (
     CONCURRENT_ENV,
     concurrent_trainings,
     running_trainings,
@@ -40,7 +40,7 @@ def test_a_lock_held_by_another_process_counts_and_a_dead_ones_does_not(tmp_path
         """
         import sys, time
         from pathlib import Path
-        from nucleiseg.train.running import training_lock
+        from nucleiseg.train.concurrency import training_lock
         with training_lock(Path(sys.argv[1])):
             print("holding", flush=True)
             sys.stdin.read()
