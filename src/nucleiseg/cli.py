@@ -415,9 +415,6 @@ def predict_command(args) -> int:
         raise NucleisegError(f"{where} {wanted}, but no CUDA device is visible; use --device auto or --device cpu") from None
     model, ckpt = load_model(args.model, device)
     saved = saved_infer_config(ckpt, args.model)
-    if saved is None and args.params is None:
-        log.warning("%s does not say which infer settings it was validated with (written before model files kept them): "
-                    "using nucleiseg's defaults; pass --params params.yaml to take its infer section", args.model)
     settings = infer_settings(args, saved, args.model)
     threshold, threshold_source = label_threshold(args.model, settings)
     # The detector keeps everything >= the floor (predictions.json); the label maps are a prefix of that.
