@@ -83,11 +83,16 @@ while [ $# -gt 0 ]; do
   shift
 done
 W=/tmp/kit-work; rm -rf $W /tmp/kit-data; mkdir -p $W
-cp -r "$SRC/stages" "$SRC/params.yaml" "$SRC/benchmarks" $W/; cd $W
+cp -r "$SRC/stages" "$SRC/params.yaml" "$SRC/dvc.yaml" "$SRC/benchmarks" $W/; cd $W
+# A stage as DVC runs it: its `cmd` from dvc.yaml (the one place its paths are written), under python3.
+stage_cmd() {
+  python3 -c 'import sys, yaml; print("python3 " + yaml.safe_load(open("dvc.yaml"))["stages"][sys.argv[1]]["cmd"].removeprefix("python "))' "$1"
+}
+stage() { local cmd; cmd=$(stage_cmd "$1") && eval "$cmd"; }
 python3 "$KIT/unpack.py" "$KIT/data" /tmp/kit-data && mark unpacked || exit 1
 python3 "$KIT/setparams.py" data.source=/tmp/kit-data model.weights=none "${common[@]}" || exit 1
-python3 stages/download.py && mark download || exit 1
-python3 stages/tile.py && mark tile || exit 1
+stage download && mark download || exit 1
+stage tile && mark tile || exit 1
 if [ "${BENCH:-1}" = 1 ]; then
   python3 benchmarks/loader.py --tiles data/tiles --samples 60 --previous-samples 6 --workers 12 && mark loader-benchmark
   python3 benchmarks/train_step.py --tiles data/tiles --steps ${BENCH_STEPS:-25} --warmup 5 --batch-size 4 \
@@ -125,7 +130,7 @@ run_recipe() {
   started=$(date +%s.%N)
   # SIGTERM lets the stage finish the epoch it is in and checkpoint it (SIGINT may be ignored in a background
   # job); -k: a stage that does not stop is killed 120 s later.
-  timeout -k 120 -s TERM ${TRAIN_S:-330} python3 stages/train.py; rc=$?; mark "train rc=$rc"
+  timeout -k 120 -s TERM ${TRAIN_S:-330} $(stage_cmd train); rc=$?; mark "train rc=$rc"
   train_overhead "$(python3 -c "import sys, time; print(time.time() - float(sys.argv[1]))" "$started")"
   mkdir -p models
   if [ ! -f models/model.pt ]; then
@@ -148,8 +153,8 @@ json.dump({"run_id": ckpt["run"].get("mlflow_run_id", "none"), "experiment_id": 
 print(f"stopped after epoch {ckpt['epoch']}; using its best epoch {best_epoch}")
 PY
   fi
-  python3 stages/infer.py && mark infer || return 1
-  python3 stages/export.py && python3 stages/evaluate.py && mark evaluate
+  stage infer && mark infer || return 1
+  stage export && stage evaluate && mark evaluate
   cp metrics/eval.json metrics/train.json plots/train.csv plots/operating_point.csv "$out/" 2>/dev/null
   if [ "${SWEEP:-0}" = 1 ] && [ $((SECONDS - t0)) -lt "${DEADLINE:-100000}" ]; then
     python3 benchmarks/postprocess_sweep.py > "$out/sweep.txt" 2>&1; mark "sweep rc=$?"
@@ -167,7 +172,7 @@ else
   pids=()
   for name in "${names[@]}"; do
     mkdir -p "recipes/$name" "$OUT/$name"
-    cp -r stages benchmarks params.yaml "recipes/$name/"
+    cp -r stages benchmarks params.yaml dvc.yaml "recipes/$name/"
     if [[ " ${recipe_args[$name]} " == *" data.fold="* ]]; then
       mkdir "recipes/$name/data"; ln -s "$W/data/raw" "recipes/$name/data/raw"  # its own split and tiles
     else
@@ -176,7 +181,7 @@ else
     # shellcheck disable=SC2086
     (cd "recipes/$name" && python3 "$KIT/setparams.py" ${recipe_args[$name]} \
       && mark() { echo "[t=$((SECONDS-t0))s] [$name] $*"; } \
-      && { [ -L data ] || { python3 stages/tile.py && mark tile; }; } && run_recipe "$OUT/$name") \
+      && { [ -L data ] || { stage tile && mark tile; }; } && run_recipe "$OUT/$name") \
       > "$OUT/$name/log.txt" 2>&1 &
     pids+=($!)
   done

@@ -1,9 +1,9 @@
 """Seam oracle on the real training images: ground truth cut into windows and merged must be the ground truth.
 
 For every training image, the GT nuclei are cut into overlapping windows exactly as a
-perfect model would see them (stitch.instances_in_windows) and merged back with
+perfect model would see them (instances_in_windows) and merged back with
 stitch.merge_windows; AP50 over all images must be 1.000. The homework's 2x2 cut without
-overlap or merging (stitch.cut_without_overlap) is scored the same way for contrast.
+overlap or merging (cut_without_overlap) is scored the same way for contrast.
 
     python benchmarks/seam_oracle.py --zip /work/shared/data/nuclei-hw3-train.zip
     python benchmarks/seam_oracle.py --raw data/raw          # an extracted dataset folder
@@ -23,10 +23,39 @@ from pathlib import Path
 import numpy as np
 
 from nucleiseg.core import coco
+from nucleiseg.core.masks import Instance
+from nucleiseg.core.windows import Window, windows
 from nucleiseg.data.download import dataset_root, safe_extract
 from nucleiseg.data.layout import load_train_sample, train_ids
 from nucleiseg.evaluate.metrics import coco_segm_metrics
 from nucleiseg.predict import stitch
+
+
+def instances_in_windows(instances: list[Instance], height: int, width: int, size: int, overlap: int) -> list[tuple[Window, list[Instance]]]:
+    """Every visible piece of every instance per window, in image coordinates: what a perfect model sees."""
+    out = []
+    for window in windows(height, width, size, overlap):
+        pieces = []
+        for inst in instances:
+            piece = inst.clip(window.x0, window.y0, min(window.x1, width), min(window.y1, height))
+            if piece is not None:
+                pieces.append(piece.shifted(window.x0, window.y0))
+        out.append((window, pieces))
+    return out
+
+
+def cut_without_overlap(instances: list[Instance], height: int, width: int, parts: int = 2) -> list[Instance]:
+    """The homework's approach: a parts x parts grid, no overlap, no merging (split nuclei stay split)."""
+    ys = np.linspace(0, height, parts + 1).astype(int)
+    xs = np.linspace(0, width, parts + 1).astype(int)
+    out = []
+    for y0, y1 in zip(ys[:-1], ys[1:]):
+        for x0, x1 in zip(xs[:-1], xs[1:]):
+            for inst in instances:
+                piece = inst.clip(x0, y0, x1, y1)
+                if piece is not None:
+                    out.append(piece.shifted(x0, y0))
+    return out
 
 
 def _key(inst) -> tuple:
@@ -50,9 +79,9 @@ def run(raw: Path, size: int, overlap: int, max_dets_all: int, limit: int | None
         sample = load_train_sample(raw, name)
         height, width = sample.image.shape[:2]
         gt = sample.instances
-        per_window = stitch.instances_in_windows(gt, height, width, size, overlap)
+        per_window = instances_in_windows(gt, height, width, size, overlap)
         merged = stitch.merge_windows(per_window)
-        naive = stitch.cut_without_overlap(gt, height, width)
+        naive = cut_without_overlap(gt, height, width)
         gt_keys, merged_keys = Counter(map(_key, gt)), Counter(map(_key, merged))
         exact = sum((gt_keys & merged_keys).values())
         cross = crossing_cut(gt, height, width)

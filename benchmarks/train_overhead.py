@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -65,7 +66,9 @@ def write_params(folder: Path, checkout: Path, overrides: dict) -> None:
 
 def run_stage(folder: Path, checkout: Path, name: str, env: dict) -> float:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(checkout / "stages" / f"{name}.py")], cwd=folder, env=env, capture_output=True, text=True)
+    # The stage's cmd from the checkout's dvc.yaml (its paths are written only there), run by this interpreter.
+    _, script, *args = shlex.split(yaml.safe_load((checkout / "dvc.yaml").read_text())["stages"][name]["cmd"])
+    done = subprocess.run([sys.executable, str(checkout / script), *args], cwd=folder, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"error: stage {name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return time.perf_counter() - started

@@ -236,7 +236,7 @@ def test_mlflow_uri_reads_the_runs_operating_point(tmp_path, caplog):
         mlflow.log_dict({"score_threshold": 0.625, "metric": "f1", "value": 0.5, "chosen_on": "val"}, "operating_point.json")
     with mlflow.start_run(experiment_id=experiment_id) as without:
         pass
-    settings = cli.Settings(infer=cli.infer_settings(cli.build_parser().parse_args(["predict", "x", "--out", "o"])).infer,
+    settings = cli.Settings(infer=cli.infer_settings(cli.build_parser().parse_args(["predict", "x", "--out", "o"]), InferConfig(), "x").infer,
                             device="cpu", label_threshold=None)
     threshold, source = cli.label_threshold(f"runs:/{with_point.info.run_id}/model", settings)
     assert (threshold, source) == (0.625, "operating_point.json of the model's MLflow run")
@@ -368,20 +368,20 @@ def test_too_many_instances_for_uint16():
 def test_params_infer_section_and_device_then_flags(tmp_path):
     (tmp_path / "p.yaml").write_text("device: cpu\ninfer: {window: 128, overlap: 32, tta: d4, score_floor: 0.2}\n")
     parse = cli.build_parser().parse_args
-    settings = cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "p.yaml"), "--window", "96", "--tta", "flip"]))
+    settings = cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "p.yaml"), "--window", "96", "--tta", "flip"]), InferConfig(), "x.png")
     cfg = settings.infer
     assert (cfg.window, cfg.overlap, cfg.tta, cfg.score_floor, settings.device, settings.label_threshold) == (96, 32, "flip", 0.2, "cpu", None)
     settings = cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "p.yaml"),
-                                        "--device", "auto", "--score-threshold", "0.6"]))
+                                        "--device", "auto", "--score-threshold", "0.6"]), InferConfig(), "x.png")
     assert (settings.device, settings.label_threshold, settings.infer.score_floor) == ("auto", 0.6, 0.2)
     (tmp_path / "params.yaml").write_text("device: cpu\ninfer: {window: 256}\n")  # never read unless named
-    settings = cli.infer_settings(parse(["predict", "x.png", "--out", "o"]))
-    assert (settings.infer.window, settings.device, settings.source) == (512, "auto", "nucleiseg's defaults")
+    settings = cli.infer_settings(parse(["predict", "x.png", "--out", "o"]), InferConfig(), "x.png")
+    assert (settings.infer.window, settings.device, settings.source) == (512, "auto", "the settings x.png was validated with")
     with pytest.raises(NucleisegError, match="missing.yaml: not found"):
-        cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "missing.yaml")]))
+        cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "missing.yaml")]), InferConfig(), "x.png")
     (tmp_path / "bad.yaml").write_text("infer: {window: 16}\n")
     with pytest.raises(NucleisegError, match=r"infer.window = 16 is not allowed"):
-        cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "bad.yaml")]))
+        cli.infer_settings(parse(["predict", "x.png", "--out", "o", "--params", str(tmp_path / "bad.yaml")]), InferConfig(), "x.png")
 
 
 def test_the_settings_the_model_was_validated_with_then_flags(tmp_path, monkeypatch):

@@ -3,11 +3,11 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from stage_commands import stage_argv
 
 from nucleiseg.core.config import Params, params_from_dict, read_params
 from nucleiseg.core.errors import NucleisegError
@@ -166,7 +166,7 @@ def test_tile_stage_with_a_bad_param_is_one_error_line_and_writes_nothing(tmp_pa
     for dotted, value in (("tile.size", "big"), ("train.epochs", "-3")):
         (tmp_path / "params.yaml").write_text(_with((REPO / "params.yaml").read_text(), dotted, value))
         before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-        done = subprocess.run([sys.executable, str(REPO / "stages" / "tile.py")], cwd=tmp_path, env=stage_environment(tmp_path),
+        done = subprocess.run(stage_argv("tile"), cwd=tmp_path, env=stage_environment(tmp_path),
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, done.stderr
         lines = done.stderr.strip().splitlines()

@@ -3,6 +3,7 @@
 import json
 import logging
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from stage_commands import stage_argv
 
 from nucleiseg.core.errors import NucleisegError
 from nucleiseg.data.layout import (
@@ -453,7 +455,9 @@ def _tile_stage_error(root: Path, capsys, monkeypatch) -> str:
     previous = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(SystemExit) as info:
-            runpy.run_path(str(REPO / "stages" / "tile.py"), run_name="__main__")
+            script, *args = stage_argv("tile")[1:]
+            monkeypatch.setattr(sys, "argv", [script, *args])
+            runpy.run_path(script, run_name="__main__")
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert info.value.code == 2

@@ -10,6 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from label_maps import window_instances_from_labels
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms.v2 import functional as TF
 
@@ -17,7 +18,7 @@ from nucleiseg.core.config import AugmentConfig
 from nucleiseg.core.masks import Instance, iou
 from nucleiseg.core.windows import PAD_VALUE, Window, window_instances
 from nucleiseg.data.synthetic import synth_image
-from nucleiseg.data.tile_store import label_layers, window_instances_from_labels
+from nucleiseg.data.tile_store import label_layers
 from nucleiseg.train.samples import (
     HED_FROM_RGB,
     MIN_MASK_PIXELS,

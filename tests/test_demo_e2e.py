@@ -107,7 +107,7 @@ def test_answer_is_the_test_predictions(demo_repo):
     root, _, _, _ = demo_repo
     predictions = json.loads((root / "predictions/test.json").read_text())
     answer = json.loads((root / "submission/answer.json").read_text())
-    assert answer == build_answer(predictions, load_test_index(root / "data/raw"))
+    assert answer == build_answer(predictions, load_test_index(root / "data/raw"), "predictions/test.json")
     assert len(answer) == len(predictions)
 
 

@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 import zipfile
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stage_commands import stage_argv
 
 import nucleiseg.data.download as download
 from nucleiseg.core.errors import NucleisegError
@@ -18,7 +18,6 @@ from nucleiseg.data.download import drive_file_id, fetch_dataset, sha256sum
 from nucleiseg.data.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = REPO / "stages"
 DRIVE_ID = "1nEJ7NTtHcCHNQqUXaoPk55VH3Uwh4QGG"
 SMALL = {"n_train": 2, "n_test": 1, "size": 48, "radius_range": (3, 8), "seed": 0}
 
@@ -259,10 +258,10 @@ def test_synthetic_source(tmp_path):
     assert _tree(out) == _tree(out2)
 
 
-def _run_stage(script: str, cwd: Path) -> subprocess.CompletedProcess:
+def _run_stage(stage: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT",)}
     return subprocess.run(
-        [sys.executable, str(STAGES / script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+        stage_argv(stage), cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
 
 
@@ -270,7 +269,7 @@ def test_download_stage_error_is_one_line(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["source"] = "missing/nuclei-data.zip"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = _run_stage("download.py", tmp_path)
+    result = _run_stage("download", tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -281,7 +280,7 @@ def test_download_stage_error_is_one_line(tmp_path):
 
 
 def test_download_stage_without_params(tmp_path):
-    result = _run_stage("download.py", tmp_path)
+    result = _run_stage("download", tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "params.yaml" in lines[0], result.stderr
@@ -291,7 +290,7 @@ def test_download_stage_without_params(tmp_path):
 def test_download_stage_synthetic(tmp_path):
     params = {"seed": 3, "data": {"source": "synthetic", "sha256": None, "synthetic": {"n_train": 2, "n_test": 1, "size": 64}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = _run_stage("download.py", tmp_path)
+    result = _run_stage("download", tmp_path)
     assert result.returncode == 0, result.stderr
     raw = tmp_path / "data" / "raw"
     assert (raw / "train" / "synth-train-000" / "images" / "synth-train-000.png").is_file()

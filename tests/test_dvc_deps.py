@@ -8,6 +8,8 @@ as an import and that dvc.yaml and the train stage's params agree with the code.
 
 from __future__ import annotations
 
+import ast
+import shlex
 import subprocess
 import textwrap
 from pathlib import Path
@@ -16,6 +18,8 @@ import pytest
 import yaml
 from stage_imports import folder_deps, stage_modules
 
+from nucleiseg.cli import PIPELINE_MODEL
+from nucleiseg.evaluate.outputs import OPERATING_POINT_FILE
 from nucleiseg.train.stage import PARAMS as TRAIN_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,3 +229,56 @@ def test_train_params_are_the_keys_its_code_reads():
     resume checkpoint is keyed by the same list."""
     assert STAGES["train"]["params"] == list(TRAIN_PARAMS)
     assert "evaluate.overlays" not in TRAIN_PARAMS and "infer" not in TRAIN_PARAMS and "evaluate" not in TRAIN_PARAMS
+
+
+# --------------------------------------------------------------------------- paths: named once, in the cmd
+
+
+def cmd_paths(name: str) -> dict[str, str]:
+    """{flag: path} of a stage's `cmd`: `python stages/<name>.py --flag path ...`."""
+    python, script, *args = shlex.split(STAGES[name]["cmd"])
+    assert (python, script) == ("python", f"stages/{name}.py") and len(args) % 2 == 0, STAGES[name]["cmd"]
+    assert all(flag.startswith("--") for flag in args[::2]), STAGES[name]["cmd"]
+    return dict(zip(args[::2], args[1::2]))
+
+
+def declared_paths(name: str) -> set[str]:
+    """The data files a stage's deps and outs/metrics/plots list (its code excluded)."""
+    stage = STAGES[name]
+    paths = {d for d in stage.get("deps") or [] if not d.startswith(("src/", "stages/"))}
+    for key in ("outs", "metrics", "plots"):
+        paths |= {out if isinstance(out, str) else next(iter(out)) for out in stage.get(key) or []}
+    return paths
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_each_data_path_is_named_in_the_cmd_and_declared(name):
+    """What a stage reads and writes is given on its command line and listed under its deps or outs: a
+    path renamed in one place and not the other fails here, not in a `dvc repro` that reads a stale file."""
+    assert set(cmd_paths(name).values()) == declared_paths(name)
+
+
+def test_no_stage_script_or_library_module_writes_a_pipeline_path():
+    """The scripts and the library take their paths as arguments: no string in them is one of dvc.yaml's
+    data paths with a folder in it (docstrings aside; a bare `overlays` is also an argument or artifact name).
+    The CLI's default model file is the train stage's, checked here."""
+    pipeline = {path for name in STAGES for path in declared_paths(name) if "/" in path}
+    found = []
+    for path in sorted([*(REPO / "stages").glob("*.py"), *(REPO / "src").rglob("*.py")]):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                if node.value.strip("/") in pipeline and not (path.name == "cli.py" and node.value == PIPELINE_MODEL):
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}")
+    assert not found, "take these paths from the stage's command line (dvc.yaml cmd):\n" + "\n".join(found)
+    assert cmd_paths("train")["--model"] == PIPELINE_MODEL
+
+
+def test_the_operating_point_lands_next_to_the_model_file():
+    """`nucleiseg predict --model <file>` reads operating_point.json next to it."""
+    model = Path(cmd_paths("train")["--model"])
+    assert cmd_paths("evaluate")["--operating-point"] == str(model.with_name(OPERATING_POINT_FILE))
+    assert cmd_paths("infer")["--model"] == str(model)

@@ -6,7 +6,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from stage_commands import stage_argv
 
 from nucleiseg.core import coco
 from nucleiseg.core.config import EvaluateConfig
@@ -37,8 +37,6 @@ from nucleiseg.export.answer import (
     validate_answer,
     write_answer,
 )
-
-STAGES = Path(__file__).resolve().parents[1] / "stages"
 
 
 def _full(inst: Instance, height: int, width: int) -> np.ndarray:
@@ -237,7 +235,7 @@ def answer_case(tmp_path):
 
 def test_build_answer_format_and_order(answer_case):
     records, images, predictions = answer_case
-    answer = build_answer(predictions, images)
+    answer = build_answer(predictions, images, "predictions/test.json")
     assert len(answer) == len(predictions)
     order = [img.id for img in images]
     keys = [(order.index(e["image_id"]), -e["score"]) for e in answer]
@@ -261,7 +259,7 @@ def test_build_answer_format_and_order(answer_case):
 
 def test_answer_load_res_round_trip(answer_case):
     records, images, predictions = answer_case
-    answer = build_answer(predictions, images)
+    answer = build_answer(predictions, images, "predictions/test.json")
     gt = COCO()
     gt.dataset = {"info": {}, "images": [{"id": r.id, "height": r.height, "width": r.width} for r in records], "annotations": [], "categories": [{"id": 1, "name": "nucleus"}]}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -277,10 +275,10 @@ def test_answer_load_res_round_trip(answer_case):
 def test_build_answer_rejects_bad_ids(answer_case, tmp_path):
     _, images, predictions = answer_case
     with pytest.raises(NucleisegError, match="not in test_img_ids"):
-        build_answer(predictions + [{**predictions[0], "image_id": 99}], images)
+        build_answer(predictions + [{**predictions[0], "image_id": 99}], images, "predictions/test.json")
     extra = nucleiseg_data.TestImage(3, "empty.png", tmp_path / "empty.png", 64, 80)
     with pytest.raises(NucleisegError, match="empty.png"):
-        build_answer(predictions, images + [extra])
+        build_answer(predictions, images + [extra], "predictions/test.json")
 
 
 @pytest.mark.parametrize(
@@ -297,7 +295,7 @@ def test_build_answer_rejects_bad_ids(answer_case, tmp_path):
 )
 def test_validate_answer_catches(answer_case, corrupt, message):
     _, images, predictions = answer_case
-    answer = build_answer(predictions, images)
+    answer = build_answer(predictions, images, "predictions/test.json")
     validate_answer(answer, images)
     bad = [dict(e) for e in answer]
     bad[3] = corrupt(bad[3])
@@ -307,7 +305,7 @@ def test_validate_answer_catches(answer_case, corrupt, message):
 
 def test_write_answer_zip(answer_case, tmp_path):
     _, images, predictions = answer_case
-    answer = build_answer(predictions, images)
+    answer = build_answer(predictions, images, "predictions/test.json")
     json_path, zip_path = tmp_path / "answer.json", tmp_path / "answer.zip"
     write_answer(answer, json_path, zip_path)
     assert json.loads(json_path.read_text()) == answer
@@ -320,7 +318,7 @@ def test_write_answer_zip(answer_case, tmp_path):
 
 
 def _run_export(cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(STAGES / "export.py")], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(stage_argv("export"), cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def test_export_stage(tmp_path):
@@ -434,7 +432,7 @@ def test_load_operating_point(tmp_path):
 
 
 def _stage(name: str, root: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(STAGES / f"{name}.py")], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(stage_argv(name), cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow

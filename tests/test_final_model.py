@@ -5,12 +5,12 @@ import dataclasses
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from stage_commands import stage_argv
 
 from nucleiseg.core.config import EvaluateConfig, params_from_dict
 from nucleiseg.core.errors import NucleisegError
@@ -86,7 +86,7 @@ def test_training_without_val_keeps_the_last_epoch(repo, make_params, monkeypatc
 
 
 def _stage(name: str, root: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "stages" / f"{name}.py")], cwd=root, env=env, capture_output=True, text=True,
+    return subprocess.run(stage_argv(name), cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
 
 

@@ -19,6 +19,7 @@ import pytest
 import tifffile
 import torch
 from PIL import Image, ImageOps
+from stage_commands import stage_argv
 
 import nucleiseg.cli as cli
 from nucleiseg.core.config import InferConfig, ModelConfig, read_params
@@ -394,7 +395,7 @@ def test_tile_stage_with_a_hostile_params_yaml_writes_nothing(tmp_path, tiny_dat
     for name in ("alias-bomb", "duplicate-key", "empty"):
         text, needle = PARAMS_FILES[name]
         (tmp_path / "params.yaml").write_bytes(text.encode("latin-1" if name == "latin-1" else "utf-8"))
-        done = subprocess.run([sys.executable, str(REPO / "stages" / "tile.py")], cwd=tmp_path, env=stage_environment(tmp_path),
+        done = subprocess.run(stage_argv("tile"), cwd=tmp_path, env=stage_environment(tmp_path),
                               capture_output=True, text=True, timeout=120)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], (name, done.stderr)

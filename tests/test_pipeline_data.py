@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stage_commands import stage_argv
 
 from nucleiseg.data.synthetic import generate_dataset
 
@@ -102,7 +103,7 @@ def test_dvc_repro_tile(dvc_repo):
 def _stage(tmp_path, name, params):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "DVC_ROOT": str(tmp_path)}
-    return subprocess.run([sys.executable, str(REPO / "stages" / f"{name}.py")], cwd=tmp_path, capture_output=True, text=True,
+    return subprocess.run(stage_argv(name), cwd=tmp_path, capture_output=True, text=True,
                           env=env, timeout=120)
 
 

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from label_maps import window_instances_from_labels
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -268,7 +269,7 @@ def test_write_split_index_and_windows(tiled):
         # The label layers hold exactly the window's instances (clipped, min_visible), in order.
         window = Window(x0, y0, SIZE, (0, 0, 0, 0))
         expected = window_instances(sample.instances, window, 0.3)
-        stored = tiles.window_instances_from_labels(labels)
+        stored = window_instances_from_labels(labels)
         assert entry.instances == len(expected) == len(stored)
         for a, b in zip(stored, expected):
             assert (a.x0, a.y0) == (b.x0, b.y0)
@@ -281,7 +282,7 @@ def test_every_instance_whole_in_some_window(tiled):
     samples, out, _ = tiled
     split_dir = out / "train"
     entries = tiles.read_index(out, "train")
-    stored = {e.image: tiles.window_instances_from_labels(tiles.read_window(split_dir, e)[1]) for e in entries}
+    stored = {e.image: window_instances_from_labels(tiles.read_window(split_dir, e)[1]) for e in entries}
     for sample in samples:
         assert sample.instances
         mine = [e for e in entries if e.source_image == sample.name]

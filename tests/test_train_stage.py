@@ -9,20 +9,20 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from stage_commands import stage_argv
 
 from nucleiseg.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-CMD = [sys.executable, str(REPO / "stages" / "train.py")]
+CMD = stage_argv("train")
 # 6 epochs of 2 windows, validated (whole val image) at the last epoch only, with a loader worker process
 # (a signal to the process group must not make it print a traceback).
 TRAIN = {"epochs": 6, "samples_per_epoch": 2, "val_every": 1000, "workers": 1}

@@ -293,7 +293,7 @@ def test_interrupt_message_says_whether_a_rerun_resumes(tmp_path, make_params, c
 
     from nucleiseg.train.checkpoint import Checkpointer
 
-    ckpt = training.checkpoint_path(params, training.TrainInputs(split=split))
+    ckpt = training.checkpoint_path(params, training.TrainInputs(tiles=tmp_path / "data" / "tiles", split=split, raw=tmp_path / "data" / "raw"))
     before = interrupted(Interrupted(Checkpointer(ckpt).resume_hint(params.train.epochs)))
     assert before == ("error: interrupted; nothing to resume: no checkpoint was written yet, so running the stage again "
                       "starts from epoch 1")

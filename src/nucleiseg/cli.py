@@ -38,16 +38,21 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nucleiseg.core.errors import NucleisegError, main_guard, os_error_text
 
+if TYPE_CHECKING:
+    from nucleiseg.core.config import InferConfig
+
 log = logging.getLogger("nucleiseg")
+# The train stage's model file (its --model in dvc.yaml; a test keeps the two equal).
+PIPELINE_MODEL = "models/model.pt"
 
 MAX_LABEL = np.iinfo(np.uint16).max
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "file:", "s3://", "gs://", "http://", "https://", "dbfs:/")
-OPERATING_POINT = "operating_point.json"  # the evaluate stage's file next to models/model.pt, and its MLflow artifact
 # Flags that override the model's (or --params FILE's) `infer` settings: flag dest -> InferConfig field.
 INFER_FLAGS = ("window", "overlap", "batch_size", "score_floor", "mask_threshold", "tta", "whole_image")
 
@@ -200,22 +205,19 @@ def predict_device(args) -> str:
     return params.device if params is not None else "auto"
 
 
-def infer_settings(args, saved=None, model: str | None = None) -> Settings:
-    """The flags on top of, in this order: the --params file's `infer` section (when given), the infer
-    settings the model was validated with (`saved`, from its model file), nucleiseg's defaults.
-    All checked by config.py."""
+def infer_settings(args, saved: InferConfig, model: str) -> Settings:
+    """The flags on top of the --params file's `infer` section when given, else of the infer settings
+    `model` was validated with (`saved`, from its model file). All checked by config.py."""
     from nucleiseg.core.config import InferConfig, params_from_dict
 
     params = _params_file(args)
     if params is not None:
         base, source = dataclasses.asdict(params.infer), str(args.params)
-    elif saved is not None:
-        base, source = dataclasses.asdict(saved), f"the settings {model} was validated with"
     else:
-        base, source = dataclasses.asdict(InferConfig()), "nucleiseg's defaults"
+        base, source = dataclasses.asdict(saved), f"the settings {model} was validated with"
     flags = _flag_values(args)
     if flags:
-        source = f"{source} + nucleiseg predict flags" if params is not None or saved is not None else "nucleiseg predict flags"
+        source = f"{source} + nucleiseg predict flags"
     # Cross-checks (overlap < window) exactly as for params.yaml.
     infer_cfg = params_from_dict({"infer": {**base, **flags}}, source).infer
     device = predict_device(args)
@@ -314,37 +316,37 @@ def mlflow_operating_point(model: str) -> float | None:
 
     import mlflow.artifacts
 
-    from nucleiseg.evaluate.outputs import load_operating_point
+    from nucleiseg.evaluate.outputs import OPERATING_POINT_FILE, load_operating_point
 
     run_id = _mlflow_run_id(model)
     if run_id is None:
         return None
     with tempfile.TemporaryDirectory(prefix="nucleiseg-op-") as tmp:
         try:
-            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=OPERATING_POINT, dst_path=tmp)
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=OPERATING_POINT_FILE, dst_path=tmp)
         except Exception as exc:  # MlflowException (no such artifact), OSError, ...
-            log.debug("run %s: no %s (%s)", run_id, OPERATING_POINT, _one_line(exc)[:200])
+            log.debug("run %s: no %s (%s)", run_id, OPERATING_POINT_FILE, _one_line(exc)[:200])
             return None
-        path = Path(tmp) / OPERATING_POINT
+        path = Path(tmp) / OPERATING_POINT_FILE
         if not path.is_file():
             return None
         try:
             return load_operating_point(Path(tmp) / "model")
         except NucleisegError:
-            raise NucleisegError(f"{OPERATING_POINT} of run {run_id}: no valid score_threshold in it; "
+            raise NucleisegError(f"{OPERATING_POINT_FILE} of run {run_id}: no valid score_threshold in it; "
                                  "run the evaluate stage again, or pass --score-threshold") from None
 
 
 def label_threshold(model: str, settings: Settings) -> tuple[float, str]:
     """(score threshold of the label maps and overlays, where it came from)."""
-    from nucleiseg.evaluate.outputs import load_operating_point
+    from nucleiseg.evaluate.outputs import OPERATING_POINT_FILE, load_operating_point
 
     if settings.label_threshold is not None:
         return settings.label_threshold, "--score-threshold"
     if is_mlflow_uri(model):
-        found, where = mlflow_operating_point(model), f"{OPERATING_POINT} of the model's MLflow run"
+        found, where = mlflow_operating_point(model), f"{OPERATING_POINT_FILE} of the model's MLflow run"
     else:
-        found, where = load_operating_point(model), str(Path(model).with_name(OPERATING_POINT))
+        found, where = load_operating_point(model), str(Path(model).with_name(OPERATING_POINT_FILE))
     if found is not None:
         return found, where
     floor = settings.infer.score_floor
@@ -519,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "predictions.json keeps every detection (for AP); the label maps and overlays "
                                    "only those at the model's operating point (operating_point.json next to it).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders of images")
-    p.add_argument("--model", default="models/model.pt",
+    p.add_argument("--model", default=PIPELINE_MODEL,
                    help="models/model.pt (default), or an MLflow model URI: runs:/<run_id>/model, models:/<model_id>")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--params", metavar="FILE",

@@ -129,16 +129,3 @@ def read_window(split_dir: Path, entry: WindowEntry) -> tuple[np.ndarray, np.nda
     except NucleisegError as exc:  # e.g. data/tiles removed or re-tiled while the train stage reads it
         raise NucleisegError(f"{exc}; did {split_dir.parent} change after the tile stage wrote it? run it again (dvc repro -f tile)") from None
     return image, labels
-
-
-def window_instances_from_labels(labels: np.ndarray) -> list[Instance]:
-    """The instances stored in a window's label layers (tests and tools; training never needs them)."""
-    from scipy import ndimage
-
-    out = []
-    for layer in labels:
-        for label, box in enumerate(ndimage.find_objects(layer), start=1):
-            if box is not None:
-                mask = layer[box] == label
-                out.append((label, Instance(np.ascontiguousarray(mask), box[1].start, box[0].start)))
-    return [inst for _, inst in sorted(out, key=lambda pair: pair[0])]

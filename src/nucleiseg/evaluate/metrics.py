@@ -102,12 +102,6 @@ def _overlaps(gt: list[Instance], pred: list[Instance]) -> _Overlaps:
     return _Overlaps(gt_area, pred_area, rows[keep], cols[keep], inter[keep])
 
 
-def pairwise_iou(gt: list[Instance], pred: list[Instance]) -> sparse.csr_matrix:
-    """IoU of every (gt, pred) pair as a sparse (n_gt, n_pred) CSR matrix; absent = 0."""
-    ov = _overlaps(gt, pred)
-    return sparse.csr_matrix((ov.iou, (ov.rows, ov.cols)), shape=(len(gt), len(pred)))
-
-
 # ----------------------------------------------------------------------------- matching
 
 
@@ -331,27 +325,6 @@ def coco_segm_metrics(gt_doc: dict, results: list[dict], max_dets_all: int) -> d
         coco_gt = COCO(doc)
         coco_dt = coco_gt.loadRes(res)
         ev = COCOeval_faster(coco_gt, coco_dt, iouType="segm", print_function=lambda *a, **k: None)
-        max_dets = _set_params(ev.params, n_all)
-        ev.evaluate()
-        ev.accumulate()
-    return _stats_from_eval(ev, max_dets, n_all)
-
-
-def coco_segm_metrics_reference(gt_doc: dict, results: list[dict], max_dets_all: int) -> dict:
-    """The same numbers as ``coco_segm_metrics`` with plain pycocotools (slow; tests only)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    if not results or not gt_doc.get("annotations"):
-        return _zeros()
-    n_all = _max_dets_all(gt_doc, results, max_dets_all)
-    doc, res = _copies(gt_doc, results)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = doc
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(res)
-        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
         max_dets = _set_params(ev.params, n_all)
         ev.evaluate()
         ev.accumulate()

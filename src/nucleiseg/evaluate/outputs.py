@@ -1,5 +1,5 @@
-"""The evaluate stage's outputs: metrics/eval.json, PR and operating-point CSVs, overlays, and
-models/operating_point.json (read back by `nucleiseg predict`). Only the evaluate stage and the CLI
+"""The evaluate stage's outputs: metrics, PR and operating-point CSVs, overlays, and operating_point.json
+next to the model file (read back by `nucleiseg predict`). Only the evaluate stage and the CLI
 reach this module, so editing it re-runs nothing upstream."""
 
 from __future__ import annotations
@@ -39,13 +39,19 @@ def overlay(image: np.ndarray, gt: list[Instance], pred: list[Instance]) -> np.n
     return out
 
 
+# `nucleiseg predict` reads the operating point from this file next to the model file, or from this
+# artifact of the model's MLflow run.
+OPERATING_POINT_FILE = "operating_point.json"
+
+
+# The evaluate stage's `cmd` in dvc.yaml names these.
 @dataclass
 class EvaluateOutputs:
-    metrics: Path = Path("metrics/eval.json")
-    pr_curve: Path = Path("plots/pr.csv")
-    sweep: Path = Path("plots/operating_point.csv")
-    overlays: Path = Path("overlays")
-    operating_point: Path = Path("models/operating_point.json")
+    metrics: Path
+    pr_curve: Path
+    sweep: Path
+    overlays: Path
+    operating_point: Path
 
 
 SWEEP_COLUMNS = ("score_threshold", "precision", "recall", "f1", "pq", "aji")
@@ -69,13 +75,12 @@ def coco_records(annotations_path: str | Path) -> list[coco.ImageRecord]:
 
 
 def evaluate_predictions(raw_dir: Path, split_file: Path, predictions_dir: Path, cfg: EvaluateConfig, score_floor: float,
-                         test_annotations: str | None = None, outputs: EvaluateOutputs | None = None) -> dict:
+                         test_annotations: str | None, outputs: EvaluateOutputs) -> dict:
     """The evaluate stage: val metrics with the operating point chosen on val (or evaluate.score_threshold
     when set), test metrics at that point when test ground truth is given, PR and threshold curves,
     overlays. Without val images (data.fold: all) there is nothing to score on val: the operating point
     is evaluate.score_threshold, and the curves and overlays are empty. Everything is computed before
     the first output is written; each output is written atomically."""
-    outputs = outputs or EvaluateOutputs()
     val_names = read_json(split_file)["val"]
     samples, records, val = [], [], None
     if val_names:
@@ -112,7 +117,7 @@ def evaluate_predictions(raw_dir: Path, split_file: Path, predictions_dir: Path,
 
 def load_operating_point(model_path: str | Path) -> float | None:
     """The score threshold saved next to a model file by the evaluate stage (None when absent)."""
-    path = Path(model_path).with_name("operating_point.json")
+    path = Path(model_path).with_name(OPERATING_POINT_FILE)
     if not path.is_file():
         return None
     point = read_json(path)
@@ -122,7 +127,7 @@ def load_operating_point(model_path: str | Path) -> float | None:
     return float(value)
 
 
-def log_evaluation(run_id: str, metrics: dict, outputs, answer: Path | None = None) -> None:
+def log_evaluation(run_id: str, metrics: dict, outputs: EvaluateOutputs, answer: Path | None = None) -> None:
     """The evaluate stage's results, into the training run: val/ and test/ metrics (the operating
     point as val/score_threshold), `operating_point.json` at the artifact root (what
     `nucleiseg predict --model runs:/<id>/model` loads), curves, overlays and the answer file."""
@@ -135,7 +140,7 @@ def log_evaluation(run_id: str, metrics: dict, outputs, answer: Path | None = No
         # A run without val images (data.fold: all) logs no val/ metrics: the report's fold means stay folds only.
         val = numbers(metrics, "val") if metrics.get("val_images") != 0 else {}
         mlflow.log_metrics({**val, **numbers(metrics.get("test", {}), "test")})
-        mlflow.log_artifact(str(outputs.operating_point))
+        mlflow.log_dict(read_json(outputs.operating_point), OPERATING_POINT_FILE)
         mlflow.log_artifact(str(outputs.pr_curve), artifact_path="plots")
         mlflow.log_artifact(str(outputs.sweep), artifact_path="plots")
         mlflow.log_artifacts(str(outputs.overlays), artifact_path="overlays")

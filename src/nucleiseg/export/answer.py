@@ -42,16 +42,16 @@ def validate_answer(entries: list[dict], images: list[TestImage]) -> None:
                 raise NucleisegError("answer: pycocotools loaded fewer entries than written")
 
 
-def build_answer(predictions: list[dict], images: list[TestImage]) -> list[dict]:
+def build_answer(predictions: list[dict], images: list[TestImage], source: str | Path) -> list[dict]:
     """Answer entries (only the CodaLab keys), sorted by image then score; every test image must have entries."""
     ids = [img.id for img in images]  # unique: load_test_index refuses an id listed twice
     seen = {p["image_id"] for p in predictions}
     unknown = sorted(seen - set(ids))
     if unknown:
-        raise NucleisegError(f"predictions/test.json: image ids {unknown} are not in test_img_ids.json; re-run the infer stage")
+        raise NucleisegError(f"{source}: image ids {unknown} are not in test_img_ids.json; re-run the infer stage")
     absent = [img.file_name for img in images if img.id not in seen]
     if absent:
-        raise NucleisegError(f"predictions/test.json: no nuclei predicted for {absent}; check the model (infer.score_floor) before submitting")
+        raise NucleisegError(f"{source}: no nuclei predicted for {absent}; check the model (infer.score_floor) before submitting")
     answer = [{k: p[k] for k in ANSWER_KEYS} for p in predictions]
     for entry in answer:
         entry["category_id"] = 1

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import numpy as np
-
 from nucleiseg.core.masks import Instance, intersection
-from nucleiseg.core.windows import Window, windows
+from nucleiseg.core.windows import Window
 
 
 def owned(instances: list[Instance], window: Window) -> list[Instance]:
@@ -70,30 +68,3 @@ def merge_windows(per_window: list[tuple[Window, list[Instance]]], iou_threshold
     for window, instances in per_window:
         survivors.extend(owned(instances, window))
     return deduplicate(survivors, iou_threshold, ios_threshold)
-
-
-def instances_in_windows(instances: list[Instance], height: int, width: int, size: int, overlap: int) -> list[tuple[Window, list[Instance]]]:
-    """Every visible piece of every instance per window, in image coordinates: what a perfect model sees."""
-    out = []
-    for window in windows(height, width, size, overlap):
-        pieces = []
-        for inst in instances:
-            piece = inst.clip(window.x0, window.y0, min(window.x1, width), min(window.y1, height))
-            if piece is not None:
-                pieces.append(piece.shifted(window.x0, window.y0))
-        out.append((window, pieces))
-    return out
-
-
-def cut_without_overlap(instances: list[Instance], height: int, width: int, parts: int = 2) -> list[Instance]:
-    """The homework's approach: a parts x parts grid, no overlap, no merging (split nuclei stay split)."""
-    ys = np.linspace(0, height, parts + 1).astype(int)
-    xs = np.linspace(0, width, parts + 1).astype(int)
-    out = []
-    for y0, y1 in zip(ys[:-1], ys[1:]):
-        for x0, x1 in zip(xs[:-1], xs[1:]):
-            for inst in instances:
-                piece = inst.clip(x0, y0, x1, y1)
-                if piece is not None:
-                    out.append(piece.shifted(x0, y0))
-    return out

@@ -22,7 +22,6 @@ import torch
 
 from nucleiseg.core.masks import Instance, intersection
 
-TTA_MODES = ("none", "flip", "d4")
 # flip keeps the old pass order (none, horizontal, vertical, both): a vertical flip is a mirror turned twice.
 TRANSFORMS = {
     "none": [(0, False)],

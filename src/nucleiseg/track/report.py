@@ -31,7 +31,6 @@ METRICS = ("ap50", "ap50_all", "f1", "aji", "pq")
 LEAD_COLUMNS = ["run", "run id", "data", "backbone", "weights", "epochs", "best epoch"]
 METRIC_COLUMNS = ["AP50", "AP50 (all dets)", "F1", "AJI", "PQ"]
 TAIL_COLUMNS = ["train stage time", "finished"]
-COLUMNS = LEAD_COLUMNS + METRIC_COLUMNS + TAIL_COLUMNS
 # Runs logged before the train stage recorded its wall time (train/stage_seconds) only have
 # the training loops' time; their cells say so.
 LOOPS_ONLY = " (loops only)"
@@ -231,11 +230,6 @@ def collect(experiment: str = tracking.EXPERIMENT) -> tuple[list[Row], list[Row]
             finals.append(_row(run))
     rows.sort(key=lambda r: (-r.metrics["ap50"], -(r.end_time_ms or 0)))
     return rows, finals
-
-
-def collect_runs(experiment: str = tracking.EXPERIMENT) -> list[Row]:
-    """Finished runs of `experiment` that have val/ap50, best val AP50 first (newer first on ties)."""
-    return collect(experiment)[0]
 
 
 def data_source(tags: dict, params: dict) -> str:

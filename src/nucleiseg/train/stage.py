@@ -35,19 +35,20 @@ from nucleiseg.train.samples import TileDataset
 log = logging.getLogger(__name__)
 
 
+# The stage's files: the train stage's `cmd` in dvc.yaml names them.
 @dataclasses.dataclass
 class TrainInputs:
-    tiles: Path = Path("data/tiles")
-    split: Path = Path("data/split.json")
-    raw: Path = Path("data/raw")  # the val images, whole
+    tiles: Path
+    split: Path
+    raw: Path  # the val images, whole
 
 
 @dataclasses.dataclass
 class TrainOutputs:
-    model: Path = Path("models/model.pt")
-    run: Path = Path("models/run.json")
-    metrics: Path = Path("metrics/train.json")
-    curves: Path = Path("plots/train.csv")
+    model: Path
+    run: Path  # the MLflow run id, read by the evaluate stage
+    metrics: Path
+    curves: Path
 
 
 # The params the train stage reads: dvc.yaml lists exactly these (tests/test_dvc_deps.py) and the
@@ -139,11 +140,10 @@ def loader_workers(setting: int | str, checkpoints_dir: Path, dist: DistInfo) ->
     return workers
 
 
-def run_training(params: Params, inputs: TrainInputs | None = None, outputs: TrainOutputs | None = None, show_progress: bool = True) -> dict:
+def run_training(params: Params, inputs: TrainInputs, outputs: TrainOutputs, show_progress: bool = True) -> dict:
     """Train the configured backbone; write model, run id, metrics and curves; returns the metrics.
 
     Interrupted (Ctrl-C, SIGTERM), it raises `Interrupted` saying what running it again does."""
-    inputs, outputs = inputs or TrainInputs(), outputs or TrainOutputs()
     checkpointer = Checkpointer(checkpoint_path(params, inputs))
     dist = dist_info()
     if not dist.is_main:  # rank 0 holds the lock, writes the files and logs
