@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -188,3 +189,48 @@ def test_predict_from_the_demo_run_loads_its_tensor_file_with_its_settings(demo_
     point = json.loads((root / "models/operating_point.json").read_text())["score_threshold"]
     assert settings["score_threshold"] == point
     assert settings["score_threshold_source"] == "operating_point.json of the model's MLflow run"
+
+
+def test_an_edit_marks_only_the_stages_whose_code_or_params_it_touches(demo_repo):
+    """`dvc status` in the applied demo, as a user edits: an overlay setting or the overlay code is the evaluate
+    stage's alone (never train's); the CLI and the report are no stage's; the metric code is train's (its
+    validation scores) and evaluate's. Each edit is undone before the next."""
+    root, env, _, _ = demo_repo
+
+    def stale() -> set[str]:
+        return set(json.loads(_run(["dvc", "status", "--json"], root, env).stdout or "{}"))
+
+    assert stale() == set(), "the applied demo should be up to date"
+    edits = [
+        ("params.yaml", lambda text: re.sub(r"(?m)^  overlays: \d+", "  overlays: 3", text), {"evaluate"}),
+        ("src/nucleiseg/evaluate/outputs.py", lambda text: text.replace("(0, 230, 0)", "(0, 200, 0)"), {"evaluate"}),
+        ("src/nucleiseg/cli.py", lambda text: text + "\n# an edit\n", set()),
+        ("src/nucleiseg/track/report.py", lambda text: text + "\n# an edit\n", set()),
+        ("src/nucleiseg/evaluate/metrics.py", lambda text: text + "\n# an edit\n", {"train", "evaluate"}),
+    ]
+    for rel, edit, expected in edits:
+        path = root / rel
+        before = path.read_text()
+        assert edit(before) != before, f"the edit of {rel} changed nothing"
+        path.write_text(edit(before))
+        try:
+            assert stale() == expected, rel
+        finally:
+            path.write_text(before)
+    assert stale() == set()
+
+
+def test_the_readme_restore_step_brings_back_the_real_job(demo_repo):
+    """After `dvc exp apply` of a demo, the README's `git checkout params.yaml` works in a fresh repository
+    (dvc.lock is not tracked there, so naming it would fail) and puts the real job's params back: `dvc status`
+    then wants the download stage (the real data source) again. The applied demo is restored afterwards."""
+    root, env, _, _ = demo_repo
+    readme = (REPO / "README.md").read_text()
+    assert "`git checkout params.yaml`" in readme and "git checkout params.yaml dvc.lock" not in readme
+    applied = (root / "params.yaml").read_text()
+    try:
+        _run(["git", "checkout", "params.yaml"], root, env)
+        assert (root / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
+        assert "download" in json.loads(_run(["dvc", "status", "--json"], root, env).stdout or "{}")
+    finally:
+        (root / "params.yaml").write_text(applied)
