@@ -79,6 +79,15 @@ def test_loader_benchmark_times_both_paths(tiny_tiles, tmp_path, stage_environme
     assert re.search(r"samples/s", out), out
 
 
+@pytest.mark.slow
+def test_copy_paste_benchmark_times_off_and_on(tiny_tiles, tmp_path, stage_environment):
+    out = run([str(BENCHMARKS / "copy_paste.py"), "--tiles", str(tiny_tiles), "--samples", "4", "--repeats", "1", "--max", "5"], tmp_path,
+              stage_environment(tmp_path))
+    assert re.search(r"^copy_paste 0 +: +\d+\.\d CPU ms per sample \(\d+\.\d wall\)", out, re.MULTILINE), out
+    assert re.search(r"^copy_paste 1, copy_paste_max 5 +: +\d+\.\d CPU ms per sample", out, re.MULTILINE), out
+    assert re.search(r"^on - off: [+-]\d+\.\d CPU ms per sample", out, re.MULTILINE), out
+
+
 def test_gpu_kit_run_script_parses():
     done = subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_kit_run.sh")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -85,6 +85,10 @@ BAD_VALUES = [
     ("infer.tta", "true", "infer.tta"),  # was a boolean: now none | flip | d4
     ("train.augment.stain", "2", "train.augment.stain"),
     ("train.augment.scale_sampling", "log", "train.augment.scale_sampling"),
+    ("train.augment.copy_paste", "1.5", "train.augment.copy_paste"),  # a probability
+    ("train.augment.copy_paste", "yes", "train.augment.copy_paste"),
+    ("train.augment.copy_paste_max", "0", "train.augment.copy_paste_max"),
+    ("train.augment.copy_paste_max", "2.5", "train.augment.copy_paste_max"),
 ]
 TYPO_KEYS = [
     ("data.val_image", "2", "data.val_image"),

@@ -241,6 +241,10 @@ class AugmentConfig:
     color_jitter: float = param(0.1, number(0, 1))
     stain: float = param(0.0, number(0, 1))  # HED stain jitter strength (train/samples.py)
     scale_sampling: str = param("uniform", choice("uniform", "log_uniform"))
+    # Copy-paste (train/samples.py): the share of windows that get whole nuclei of another training window pasted in,
+    # and at most how many per window.
+    copy_paste: float = param(0.0, number(0, 1))
+    copy_paste_max: int = param(20, integer(1, 1000))
 
 
 @dataclass
