@@ -11,10 +11,11 @@ device, autocast, gradient clipping), `--steps` timed steps after `--warmup` ste
 variant. A variant is a dtype (fp32, fp16, bf16 autocast) followed by any of: '-nhwc'
 (channels_last weights), '-compile' (torch.compile of the backbone + FPN: training crops have one
 static shape), '-foreach' / '-fused' (the optimizer's multi-tensor or fused kernels; without
-either, torch's default). `--compile` adds '-compile' to every variant. The warm-up steps (the
-compilation included) are timed apart. 'outside steps' is the time the loop waited for its next
-batch; target <= 5 %. GPU busy: torch.cuda.utilization() (NVML) sampled every 0.2 s, else
-`nvidia-smi`; left out when neither answers.
+either, torch's default), '-maskiou' (the model with Mask Scoring R-CNN's MaskIoU head,
+`model.mask_iou_head`: `fp32,fp32-maskiou` gives the head's cost per step). `--compile` adds
+'-compile' to every variant. The warm-up steps (the compilation included) are timed apart.
+'outside steps' is the time the loop waited for its next batch; target <= 5 %. GPU busy:
+torch.cuda.utilization() (NVML) sampled every 0.2 s, else `nvidia-smi`; left out when neither answers.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from nucleiseg.train.loop import (
 from nucleiseg.train.samples import EpochBatches, EpochSampler, TileDataset
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-FLAGS = ("nhwc", "compile", "foreach", "fused")
+FLAGS = ("nhwc", "compile", "foreach", "fused", "maskiou")
 
 
 def parse_variant(name: str) -> tuple[torch.dtype | None, set[str]]:
@@ -96,7 +97,7 @@ def run_variant(name: str, dataset, args, device) -> None:
     dtype, flags = parse_variant(name)
     seed_everything(0)
     cfg = TrainConfig(lr=1e-4, warmup_iters=10, batch_size=args.batch_size)
-    model = build_model(ModelConfig(backbone=args.backbone, weights="none")).to(device).train()
+    model = build_model(ModelConfig(backbone=args.backbone, weights="none", mask_iou_head="maskiou" in flags)).to(device).train()
     if "nhwc" in flags:
         model.to(memory_format=torch.channels_last)
     if "compile" in flags:

@@ -95,8 +95,8 @@ def test_gpu_kit_run_script_parses():
 
 @pytest.mark.slow
 def test_train_step_times_each_variant(tmp_path, stage_environment):
-    """Optimizer kernels and torch.compile of the backbone + FPN ('eager' backend: the wiring, not the compiler)."""
-    variants = ["fp32-foreach", "fp32-fused-compile"]
+    """Optimizer kernels, torch.compile of the backbone + FPN ('eager' backend: the wiring, not the compiler), the MaskIoU head."""
+    variants = ["fp32-foreach", "fp32-fused-compile", "fp32-maskiou"]
     out = run([str(BENCHMARKS / "train_step.py"), "--backbone", "resnet18", "--size", "128", "--crop", "64", "--steps", "1", "--warmup", "1",
                "--batch-size", "1", "--workers", "0", "--variants", ",".join(variants), "--compile-backend", "eager"], tmp_path,
               stage_environment(tmp_path))

@@ -224,6 +224,15 @@ def test_a_label_threshold_below_the_floor_is_refused_and_score_floor_lowers_the
     assert (settings["score_threshold"], settings["score_floor"], settings["infer"]["score_floor"]) == (0.01, 0.01, 0.01)
 
 
+def test_a_model_without_the_mask_iou_head_refuses_mask_iou_ranking(tmp_path, capsys):
+    """Saved infer settings asking for infer.score mask_iou, a model without the head: one error line, nothing written."""
+    path = save_model(tmp_path / "model" / "model.pt", infer=InferConfig(score="mask_iou"))
+    images = write_images(tmp_path / "in")
+    line = fail(["predict", str(images / "rgb.png"), "--model", str(path), "--out", str(tmp_path / "out"), *FAST], capsys)
+    assert "infer.score = 'mask_iou' needs a model trained with the MaskIoU head" in line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_mlflow_uri_reads_the_runs_operating_point(tmp_path, caplog):
     """runs:/<id>/model -> the run's operating_point.json artifact; a run without it -> infer.score_floor + warning."""

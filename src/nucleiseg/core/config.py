@@ -230,6 +230,7 @@ class ModelConfig:
     box_nms_thresh: float = param(0.3, number(0, 1, lo_open=True))
     detections_per_img: int = param(1000, integer(1, 100_000))
     trainable_backbone_layers: int = param(5, integer(0, 5))
+    mask_iou_head: bool = param(False, boolean)  # Mask Scoring R-CNN's MaskIoU head (model/mask_scoring.py)
 
 
 @dataclass
@@ -284,7 +285,7 @@ class InferConfig:
     dedup_ios: float = param(0.6, number(0, 1, lo_open=True))
     tta: str = param("none", choice("none", "flip", "d4"))  # predict/tta.py
     whole_image: bool = param(False, boolean)
-    score: str = param("detector", choice("detector", "mask_weighted"))
+    score: str = param("detector", choice("detector", "mask_weighted", "mask_iou"))
 
 
 @dataclass
@@ -361,7 +362,11 @@ def _build(cls, values, where: str, source: str):
     return cls(**kwargs)
 
 
-def _cross_checks(p: Params, source: str) -> None:
+def _cross_checks(p: Params, source: str, model_given: bool) -> None:
+    """Settings that do not fit together. `model_given`: the values describe the model too (params.yaml); the infer
+    section alone (a model file's saved settings, `nucleiseg predict` flags) is checked against its model where the
+    model is loaded (`Predictor`)."""
+
     def refuse(message: str):
         raise NucleisegError(f"{source}: {message}")
 
@@ -380,6 +385,9 @@ def _cross_checks(p: Params, source: str) -> None:
                "(the folds' mean, column 'score threshold' of `python -m nucleiseg report`)")
     if p.data.sha256 and p.data.source == "synthetic":
         refuse("data.sha256 is set but data.source is 'synthetic': a checksum applies to a zip only; set data.sha256 to null")
+    if model_given and p.infer.score == "mask_iou" and not p.model.mask_iou_head:
+        refuse("infer.score = 'mask_iou' ranks by the MaskIoU head's predicted mask IoU, but model.mask_iou_head is false; "
+               "set model.mask_iou_head: true (a model trained with the head) or infer.score: detector")
 
 
 def params_from_dict(values: dict, source: str = "params.yaml") -> Params:
@@ -391,7 +399,7 @@ def params_from_dict(values: dict, source: str = "params.yaml") -> Params:
     if "backbone" in values:
         values["model"] = {**(model if isinstance(model, dict) else {}), "backbone": values["backbone"]}
     params = _build(Params, values, "", source)
-    _cross_checks(params, source)
+    _cross_checks(params, source, model_given="model" in values)
     return params
 
 

@@ -44,6 +44,7 @@ from nucleiseg.core.config import (
     params_from_dict,
 )
 from nucleiseg.core.errors import NucleisegError
+from nucleiseg.model.mask_scoring import MaskIoUHead, MaskScoringRoIHeads
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,17 @@ class NucleiMaskRCNN(MaskRCNN):
     `detect`, never state that callers must set and restore.
     """
 
+    @property
+    def predicts_mask_iou(self) -> bool:
+        """Whether it has the MaskIoU head (`model.mask_iou_head`), so `detect` returns `mask_ious`."""
+        return isinstance(self.roi_heads, MaskScoringRoIHeads)
+
     @torch.inference_mode()
     def detect(self, images: list[torch.Tensor], score_floor: float) -> list[dict]:
         """Raw detections per 3 x H x W float image: boxes (in the image's pixels), scores and labels of
         the detections scored above `score_floor`, and `masks` as N x 1 x M x M probabilities, not
         pasted into N full-size maps (`predict.postprocess.detections_to_instances` pastes each in its box).
+        With the MaskIoU head (`predicts_mask_iou`), also `mask_ious`: each mask's predicted IoU, in [0, 1].
 
         Filtering after the box head's NMS and top-k keeps exactly what a detector built with
         `score_floor` as its threshold keeps: a lower-scored box never suppresses a higher one.
@@ -126,16 +133,22 @@ class NucleiMaskRCNN(MaskRCNN):
         boxes = [b[k] for b, k in zip(boxes, kept)]
         scores = [s[k] for s, k in zip(scores, kept)]
         labels = [lab[k] for lab, k in zip(labels, kept)]
-        if sum(len(b) for b in boxes):
-            mask_features = heads.mask_head(heads.mask_roi_pool(features, boxes, batch.image_sizes))
-            masks = maskrcnn_inference(heads.mask_predictor(mask_features), labels)
-        else:
+        ious = [torch.zeros(0, device=batch.tensors.device) for _ in boxes]
+        if not sum(len(b) for b in boxes):
             size = heads.mask_roi_pool.output_size[0] * 2
             masks = [torch.zeros((0, 1, size, size), device=batch.tensors.device) for _ in boxes]
-        return [
-            {"boxes": resize_boxes(b, scaled, original), "scores": s, "labels": lab, "masks": m}
-            for b, s, lab, m, scaled, original in zip(boxes, scores, labels, masks, batch.image_sizes, original_sizes)
-        ]
+        elif self.predicts_mask_iou:
+            masks, ious = heads.masks_and_ious(features, boxes, labels, batch.image_sizes)
+        else:
+            mask_features = heads.mask_head(heads.mask_roi_pool(features, boxes, batch.image_sizes))
+            masks = maskrcnn_inference(heads.mask_predictor(mask_features), labels)
+        outputs = []
+        for b, s, lab, m, iou, scaled, original in zip(boxes, scores, labels, masks, ious, batch.image_sizes, original_sizes):
+            output = {"boxes": resize_boxes(b, scaled, original), "scores": s, "labels": lab, "masks": m}
+            if self.predicts_mask_iou:
+                output["mask_ious"] = iou
+            outputs.append(output)
+        return outputs
 
 
 def _resolve_weights(cfg: ModelConfig) -> tuple[object | None, object | None, Path | None]:
@@ -279,6 +292,11 @@ def build_model(cfg: ModelConfig) -> NucleiMaskRCNN:
         model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_in, 256, NUM_CLASSES)
     _set_anchors(model, cfg)
     model = _as_nuclei_model(model, cfg)
+    if cfg.mask_iou_head:
+        # Built last: the other layers start from the same random weights with or without it.
+        roi_size = model.roi_heads.mask_roi_pool.output_size[0]
+        head = MaskIoUHead(model.backbone.out_channels, NUM_CLASSES, roi_size=roi_size)
+        model.roi_heads = MaskScoringRoIHeads.extending(model.roi_heads, head)
     if local_file is not None:
         load_weights_file(model, local_file)
     return model
@@ -328,6 +346,8 @@ def _state_mismatch(own: dict, state: dict) -> str | None:
 
 
 MODEL_FILE_FORMAT = 2  # 2: the norm stored resolved, the infer settings validation used, no box_score_thresh/min_size/max_size
+# A model_config key added since (mask_iou_head) takes its default when a file lacks it, which rebuilds what that file
+# was trained as: no new format.
 
 
 def model_file(state: dict, cfg: ModelConfig, best_epoch: int, infer: InferConfig) -> dict:

@@ -16,7 +16,7 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 from nucleiseg.core.masks import Instance
 
-SCORE_MODES = ("detector", "mask_weighted")
+SCORE_MODES = ("detector", "mask_weighted", "mask_iou")
 
 
 def detections_to_instances(
@@ -33,13 +33,18 @@ def detections_to_instances(
 
     `detection['masks']` are raw N x 1 x M x M probabilities (from `NucleiMaskRCNN.detect`).
     score_mode 'mask_weighted' multiplies the detector score by the mean mask
-    probability inside the mask: confident, crisp masks rank first.
+    probability inside the mask: confident, crisp masks rank first. 'mask_iou' multiplies it
+    by the mask's predicted IoU (`detection['mask_ious']`, from a model with the MaskIoU head).
+    The detector score is kept as the instance's `detector_score`.
     """
     if score_mode not in SCORE_MODES:
         raise ValueError(f"score mode {score_mode!r} not in {SCORE_MODES}")
+    if score_mode == "mask_iou" and "mask_ious" not in detection:
+        raise ValueError("score mode 'mask_iou' needs the detections' predicted mask IoUs ('mask_ious'): a model with the MaskIoU head")
     boxes = detection["boxes"].detach().float().cpu()
     scores = detection["scores"].detach().float().cpu()
     masks = detection["masks"].detach().float().cpu()
+    mask_ious = detection["mask_ious"].detach().float().cpu() if score_mode == "mask_iou" else None
     if boxes.shape[0] == 0:
         return []
     # Same geometry as torchvision's paste_masks_in_image: one pixel of padding around the mask.
@@ -63,6 +68,8 @@ def detections_to_instances(
         score = float(scores[i])
         if score_mode == "mask_weighted":
             score *= float(prob.numpy()[binary].mean())
+        elif score_mode == "mask_iou":
+            score *= float(mask_ious[i])
         inst = Instance(binary, cx0, cy0, score, {"detector_score": float(scores[i])}).tight()
         if inst is not None:
             out.append(inst.shifted(*offset))

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from nucleiseg.core import coco
 from nucleiseg.core.config import InferConfig
+from nucleiseg.core.errors import NucleisegError
 from nucleiseg.core.masks import Instance
 from nucleiseg.core.windows import Window, crop_window, windows
 from nucleiseg.data.layout import read_rgb
@@ -27,9 +28,14 @@ from nucleiseg.predict.tta import TRANSFORMS, apply, invert, vote
 
 class Predictor:
     """Whole-image instances from a model in eval mode on `device`. The model is anything with
-    `detect(images, score_floor)` (`NucleiMaskRCNN`); infer.score_floor is the floor passed to it."""
+    `detect(images, score_floor)` (`NucleiMaskRCNN`); infer.score_floor is the floor passed to it.
+    infer.score `mask_iou` needs a model whose `predicts_mask_iou` is true."""
 
     def __init__(self, model: torch.nn.Module, cfg: InferConfig, device: torch.device | str = "cpu", progress: bool = False):
+        if cfg.score == "mask_iou" and not getattr(model, "predicts_mask_iou", False):
+            # Where a model file meets infer settings not checked with it (its saved ones, --params, flags).
+            raise NucleisegError("infer.score = 'mask_iou' needs a model trained with the MaskIoU head (model.mask_iou_head: true), "
+                                 "and this model has none; use infer.score detector or mask_weighted, or retrain with the head")
         self.model = model
         self.cfg = cfg
         self.device = torch.device(device)
