@@ -10,13 +10,13 @@ import itertools
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from stage_commands import stage_argv
 
 from nucleiseg.core.config import AugmentConfig
 from nucleiseg.data.tile_store import read_window
@@ -238,7 +238,7 @@ def test_the_train_stage_runs_with_copy_paste_on(tmp_path, tiny_data, make_param
     params = make_params(train={"epochs": 1, "batch_size": 2, "samples_per_epoch": 2, "workers": 1,
                                 "augment": {"copy_paste": 1.0, "copy_paste_max": 6}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.as_dict(), sort_keys=False))
-    done = subprocess.run([sys.executable, str(REPO / "stages" / "train.py")], cwd=tmp_path, env=stage_environment(tmp_path),
+    done = subprocess.run(stage_argv("train"), cwd=tmp_path, env=stage_environment(tmp_path),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
