@@ -44,6 +44,11 @@ def pairwise_iou(gt: list[Instance], pred: list[Instance]) -> sparse.csr_matrix:
     return sparse.csr_matrix((ov.iou, (ov.rows, ov.cols)), shape=(len(gt), len(pred)))
 
 
+def image_metrics(gt: list[Instance], pred: list[Instance], iou_threshold: float = 0.5) -> dict:
+    """{'tp','fp','fn','precision','recall','f1','aji','pq','dq','sq'} for one image: what score_sweep pools per threshold."""
+    return metrics._image_metrics(metrics._overlaps(gt, pred), iou_threshold)
+
+
 def square(x0: int, y0: int, w: int, h: int | None = None, score: float = 1.0) -> Instance:
     return Instance(np.ones((h or w, w), dtype=bool), x0, y0, score)
 
@@ -75,7 +80,7 @@ def random_case(seed: int) -> list[Instance]:
 def test_identity_gives_perfect_scores():
     gt = [square(2, 2, 10), disc(30, 30, 6), square(40, 5, 8, 12), disc(50, 50, 4)]
     pred = [Instance(g.mask.copy(), g.x0, g.y0, score=0.5 + 0.1 * i) for i, g in enumerate(gt)]
-    m = metrics.image_metrics(gt, pred)
+    m = image_metrics(gt, pred)
     assert (m["tp"], m["fp"], m["fn"]) == (4, 0, 0)
     for key in ("precision", "recall", "f1", "aji", "pq", "dq", "sq"):
         assert m[key] == 1.0, key
@@ -94,7 +99,7 @@ def test_hand_computed_case():
         square(50, 50, 6),  # false positive, area 36, touches nothing
     ]
     assert iou(gt[1], pred[1]) == pytest.approx(2 / 3)
-    m = metrics.image_metrics(gt, pred)
+    m = image_metrics(gt, pred)
     assert (m["tp"], m["fp"], m["fn"]) == (2, 1, 0)
     assert m["precision"] == pytest.approx(2 / 3)
     assert m["recall"] == pytest.approx(1.0)
@@ -122,7 +127,7 @@ def test_iou_threshold_is_inclusive():
 def test_one_prediction_over_two_gt_counts_once():
     gt = [square(10, 10, 10), square(20, 10, 10)]  # side by side, 100 px each
     pred = [square(10, 10, 20, 10)]  # covers both: IoU 100/200 = 0.5 with each
-    m = metrics.image_metrics(gt, pred)
+    m = image_metrics(gt, pred)
     assert (m["tp"], m["fp"], m["fn"]) == (1, 0, 1)
     assert m["sq"] == pytest.approx(0.5)
     # original AJI: both GT take the same prediction: C = 100 + 100, U = 200 + 200
@@ -139,13 +144,13 @@ def test_assignment_maximises_matches_not_greedy_iou():
 
 def test_empty_cases():
     gt = [square(5, 5, 10)]
-    both = metrics.image_metrics([], [])
+    both = image_metrics([], [])
     assert (both["tp"], both["fp"], both["fn"]) == (0, 0, 0)
     assert all(both[k] == 1.0 for k in ("precision", "recall", "f1", "aji", "pq", "dq", "sq"))
-    no_pred = metrics.image_metrics(gt, [])
+    no_pred = image_metrics(gt, [])
     assert (no_pred["tp"], no_pred["fp"], no_pred["fn"]) == (0, 0, 1)
     assert all(no_pred[k] == 0.0 for k in ("precision", "recall", "f1", "aji", "pq", "dq", "sq"))
-    no_gt = metrics.image_metrics([], gt)
+    no_gt = image_metrics([], gt)
     assert (no_gt["tp"], no_gt["fp"], no_gt["fn"]) == (0, 1, 0)
     assert all(no_gt[k] == 0.0 for k in ("precision", "recall", "f1", "aji", "pq", "dq", "sq"))
     assert pairwise_iou([], gt).shape == (0, 1)
@@ -257,7 +262,7 @@ def test_score_sweep_equals_metrics_of_the_kept_predictions():
     rows = metrics.score_sweep(gt_lists, pred_lists, thresholds)
     assert [r["score_threshold"] for r in rows] == thresholds
     for t, row in zip(thresholds, rows):
-        expected = metrics.summarize([metrics.image_metrics(g, [p for p in ps if p.score >= t]) for g, ps in zip(gt_lists, pred_lists)])
+        expected = metrics.summarize([image_metrics(g, [p for p in ps if p.score >= t]) for g, ps in zip(gt_lists, pred_lists)])
         assert row == {"score_threshold": t, **expected}
     assert rows[0]["tp"] + rows[0]["fp"] == sum(len(p) for p in pred_lists)
     assert rows[-1]["tp"] == rows[-1]["fp"] == 0  # no random score reaches 1.0

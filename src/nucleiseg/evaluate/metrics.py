@@ -208,11 +208,6 @@ def _image_metrics(ov: _Overlaps, iou_threshold: float) -> dict:
             "aji": _aji(ov), "pq": m.pq, "dq": m.dq, "sq": m.sq}
 
 
-def image_metrics(gt: list[Instance], pred: list[Instance], iou_threshold: float = 0.5) -> dict:
-    """{'tp','fp','fn','precision','recall','f1','aji','pq','dq','sq'} for one image."""
-    return _image_metrics(_overlaps(gt, pred), iou_threshold)
-
-
 def _keep_predictions(ov: _Overlaps, keep: np.ndarray) -> _Overlaps:
     """The overlaps of the predictions where `keep` is true, renumbered."""
     new_index = np.cumsum(keep) - 1
