@@ -6,7 +6,7 @@
 #   OUT=/tmp/out BENCH=0 bash benchmarks/gpu_kit_run.sh train.epochs=40 \
 #       --recipe base --recipe gn model.norm=groupnorm --recipe x1.5 model.input_scale=1.5
 # Each --recipe NAME [key=value ...] trains at the same time as the others on the one GPU (training
-# leaves it mostly idle, see README), from the same tiles, with the loader's workers split between them;
+# leaves it mostly idle, see docs/performance.md), from the same tiles, with the loader's workers split between them;
 # overrides before the first --recipe apply to all. Each recipe then runs infer, export, evaluate and
 # (SWEEP=1) benchmarks/postprocess_sweep.py on its model. A recipe that sets data.fold tiles its own
 # split (~21 s on the real data), so folds train side by side:
@@ -28,7 +28,7 @@ export PYTHONUNBUFFERED=1
 t0=$SECONDS; mark() { echo "[t=$((SECONDS-t0))s] $*"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null; nproc
 [ "${SKIP_WHEELS:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kit-site "$KIT"/wheels/*.whl || exit 1
-# MLflow is the kit's recorder, widened to the client calls tracking.py makes; a non-local URI keeps the
+# MLflow is the kit's recorder, widened to the client calls track/runs.py makes; a non-local URI keeps the
 # SQLite-store code (lock, artifact-location rewrite) out of the way.
 rm -rf /tmp/kit-mlflow; cp -r "$KIT/mlflow_recorder" /tmp/kit-mlflow; M=/tmp/kit-mlflow/mlflow
 mkdir -p $M/tracking $M/data; echo "from mlflow import MlflowClient" > $M/tracking/__init__.py; : > $M/data/__init__.py

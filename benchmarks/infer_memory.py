@@ -2,8 +2,8 @@
 
 No network runs: a fake "label oracle" model reads each window's pixels, which encode the
 ground-truth nucleus index as a colour, and returns one detection per nucleus piece it sees
-(box + 28x28 raw mask resized from the piece, score 0.9), as a perfect Mask R-CNN would
-under `raw_masks`. Everything after the model (to_tensor, pasting masks into their boxes,
+(box + 28x28 raw mask resized from the piece, score 0.9), as a perfect Mask R-CNN's
+`detect` would. Everything after the model (to_tensor, pasting masks into their boxes,
 scoring, ownership, de-duplication) is the real code path.
 
 Each case runs in fresh subprocesses: one synthesises the image and saves the colour-coded

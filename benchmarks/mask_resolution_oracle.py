@@ -7,12 +7,12 @@ pasted back at mask threshold 0.5. The IoU of each pasted nucleus with its groun
 the most any mask head can reach with that pair of target and paste:
 
 - nucleiseg: torchvision's targets (roi_align, aligned=False) pasted by
-  `inference.detections_to_instances` (torchvision's paste geometry);
+  `predict.postprocess.detections_to_instances` (torchvision's paste geometry);
 - exact: targets sampled at pixel centres (aligned=True) and pasted back by their exact
   inverse, detectron2's pair (`exact_paste` below).
 
 The exact pair lifts this ceiling, but was measured end to end and did not pay on a trained
-model (README, "Mask geometry"): the trained masks fall short of the ceiling for other reasons.
+model (docs/recipes.md, "Mask geometry"): the trained masks fall short of the ceiling for other reasons.
 
     python benchmarks/mask_resolution_oracle.py --zip /work/shared/data/nuclei-hw3-train.zip
     python benchmarks/mask_resolution_oracle.py --raw data/raw --sizes 14,28,56

@@ -6,7 +6,7 @@ loader), GPU busy.
     python benchmarks/train_step.py --tiles data/tiles --steps 40 --batch-size 4 \\
         --variants bf16-nhwc,bf16-nhwc-fused,bf16-nhwc-foreach,bf16-nhwc-compile,bf16-nhwc-compile-fused   # on a GPU
 
-Runs the engine's training step (`train_one_epoch`: one loader iterator, masks expanded on the
+Runs the training loop's own step (`train/loop.py`'s `train_one_epoch`: one loader iterator, masks expanded on the
 device, autocast, gradient clipping), `--steps` timed steps after `--warmup` steps, once per
 variant. A variant is a dtype (fp32, fp16, bf16 autocast) followed by any of: '-nhwc'
 (channels_last weights), '-compile' (torch.compile of the backbone + FPN: training crops have one
@@ -116,7 +116,7 @@ def run_variant(name: str, dataset, args, device) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    # The engine's own step (gradient clipping included), first the warm-up steps, then the timed ones.
+    # The loop's own step (gradient clipping included), first the warm-up steps, then the timed ones.
     started = time.perf_counter()
     train_one_epoch(model, optimizer, scheduler, batches, args.warmup, device, 0, dtype, scaler, cfg.grad_clip, show_progress=False)
     sync()

@@ -232,7 +232,7 @@ def _as_nuclei_model(model: MaskRCNN, cfg: ModelConfig) -> NucleiMaskRCNN:
 def resolve_norm(cfg: ModelConfig) -> str:
     """The backbone's normalisation that model.norm names. auto: frozen BN over pretrained statistics
     (what torchvision does); GroupNorm from scratch, which beat trainable BN on the real val images
-    (README, recipe table; frozen identity statistics blow activations up). resnet50_v2 is
+    (docs/recipes.md, the recipe table; frozen identity statistics blow activations up). resnet50_v2 is
     torchvision's design with trainable BN throughout, pretrained or not."""
     coco_weights, imagenet_weights, _ = _resolve_weights(cfg)
     pretrained = coco_weights is not None or imagenet_weights is not None
