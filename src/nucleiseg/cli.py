@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "only those at the model's operating point (operating_point.json next to it).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders of images")
     p.add_argument("--model", default=PIPELINE_MODEL,
-                   help="models/model.pt (default), or an MLflow model URI: runs:/<run_id>/model, models:/<model_id>")
+                   help=f"{PIPELINE_MODEL} (default), or an MLflow model URI: runs:/<run_id>/model, models:/<model_id>")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--params", metavar="FILE",
                    help="take `infer` and `device` from this params file (e.g. params.yaml) instead of the settings the model "
