@@ -35,6 +35,8 @@ mkdir -p $M/tracking $M/data; echo "from mlflow import MlflowClient" > $M/tracki
 printf 'class CodeDatasetSource:\n    def __init__(self, *a, **kw):\n        pass\n' > $M/data/code_dataset_source.py
 printf 'class MetaDataset:\n    def __init__(self, *a, **kw):\n        pass\n' > $M/data/meta_dataset.py
 echo "MlflowException.error_code = None" >> $M/exceptions.py
+# The train stage logs its model as a models-from-code pyfunc (track/runs.py log_model): recorded, like pytorch's.
+printf 'from . import _w\n\n\ndef log_model(name=None, **kw):\n    _w("pyfunc.log_model", name=name, kw=sorted(kw))\n' > $M/pyfunc.py
 cat >> $M/__init__.py <<'PY'
 
 
